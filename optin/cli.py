@@ -1,0 +1,248 @@
+"""The ``optin`` command line: a thin layer over ``optin.recipe``."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, registry
+from .config import parse_option, read_config
+from .errors import OptinError
+from .hooks import broken, plugin_manager
+from .models import named_models
+from .progress import set_quiet
+from .tasks import known_tasks
+
+DEFAULT_MODEL = "minilm-trec"
+out = Console()
+
+
+class CliError(click.ClickException):
+    """A one-line ``Error: ...`` and exit code 2 for bad input."""
+
+    exit_code = 2
+
+
+class OptinGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OptinError as exc:
+            raise CliError(str(exc)) from None
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value:
+        known = [p.name for p in ctx.command.params if p.name not in ("config",)]
+        try:
+            cfg = read_config(value, known)
+        except OptinError as exc:
+            raise CliError(str(exc)) from None
+        options = cfg.pop("options", None)
+        if options is not None and not isinstance(options, dict):
+            raise CliError(f"'options' in {value} must be a mapping of plugin option: value")
+        ctx.meta["config_options"] = options or {}
+        ctx.default_map = {**(ctx.default_map or {}), **cfg}
+    return value
+
+
+def _plugin_options(ctx: click.Context, pairs: tuple[str, ...]) -> dict[str, Any]:
+    options = dict(ctx.meta.get("config_options", {}))
+    options.update(parse_option(p) for p in pairs)
+    return options
+
+
+def common_options(fn):
+    decorators = [
+        click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
+                     expose_value=False, help="YAML file setting any of these flags (plus 'options:')."),
+        click.option("--model", default=None, help=f"Named model, model folder, optin output or hub id "
+                                                   f"[default: {DEFAULT_MODEL}]."),
+        click.option("--task", default=None, help="Built-in task (see `optin list`)."),
+        click.option("--data", default=None, type=click.Path(dir_okay=False),
+                     help="Your own labelled CSV/JSONL (columns text, label)."),
+        click.option("--adapter", default=None, help="Force an adapter instead of auto-detection."),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--calib-size", default=128, show_default=True, type=int,
+                     help="Calibration examples (one batch) for scoring."),
+        click.option("--output", default="optin-output", show_default=True, type=click.Path(file_okay=False)),
+        click.option("--set", "plugin_opts", multiple=True, metavar="KEY=VALUE",
+                     help="Plugin option, e.g. --set neuron_group=8 (repeatable)."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+@click.group(cls=OptinGroup)
+@click.version_option(__version__, prog_name="optin")
+def cli() -> None:
+    """Retraining-free pruning of pre-trained transformers and CNNs (OPTIN)."""
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_cmd(as_json: bool) -> None:
+    """Installed plugins (adapters, scorers, searchers, reducers), tasks and named models."""
+    infos = registry.plugins()
+    tasks, models = known_tasks(), named_models()
+    if as_json:
+        click.echo(json.dumps({
+            "plugins": [{"kind": i.kind, "name": i.name, "origin": i.origin, "target": i.target,
+                         "available": i.available, "error": i.error, "summary": i.summary} for i in infos],
+            "tasks": {n: t.description for n, t in tasks.items()},
+            "models": {n: m.description for n, m in models.items()},
+            "broken_hooks": broken}, indent=2))
+        return
+    table = Table(title="optin plugins")
+    for col in ("kind", "name", "origin", "status", "what it does"):
+        table.add_column(col)
+    for i in infos:
+        status = "[green]ok[/green]" if i.available else f"[red]unavailable[/red]: {i.error}"
+        table.add_row(i.kind, i.name, i.origin, status, i.summary)
+    out.print(table)
+    t2 = Table(title="tasks (--task) and named models (--model)")
+    t2.add_column("kind")
+    t2.add_column("name")
+    t2.add_column("description")
+    for n, t in tasks.items():
+        t2.add_row("task", n, t.description)
+    for n, m in models.items():
+        t2.add_row("model", n + (" (default)" if n == DEFAULT_MODEL else ""), m.description)
+    out.print(t2)
+    for name, why in broken.items():
+        out.print(f"[red]hook plugin {name} failed to load[/red]: {why}")
+
+
+def _apply_model_defaults(ctx: click.Context, model: str | None, values: dict, options: dict) -> None:
+    """Named models may carry faster defaults (used only for flags the user did not set)."""
+    named = named_models().get(model or DEFAULT_MODEL)
+    for key, value in (getattr(named, "defaults", None) or {}).items():
+        if key == "options":
+            for k, v in value.items():
+                options.setdefault(k, v)
+        elif ctx.get_parameter_source(key) == ParameterSource.DEFAULT:
+            values[key] = value
+
+
+def _summary(report: dict) -> None:
+    table = Table(title=f"{report['model']} on {report['task']}: {report['scorer']} + {report['searcher']}, "
+                        f"budget {report['budget']}")
+    for col in ("", "before", "after", "ratio"):
+        table.add_column(col, justify="right")
+    m = report["metric"]
+    table.add_row(m, f"{report['metric_before']:.4f}", f"{report['metric_after']:.4f}",
+                  f"{report['metric_after'] - report['metric_before']:+.4f}")
+    table.add_row("MACs (encoder)", f"{report['macs_before'] / 1e6:.1f} M", f"{report['macs_after'] / 1e6:.1f} M",
+                  f"{report['macs_ratio']:.3f}")
+    table.add_row("parameters", f"{report['params_before'] / 1e6:.2f} M", f"{report['params_after'] / 1e6:.2f} M",
+                  f"{report['params_after'] / report['params_before']:.3f}")
+    table.add_row("throughput (ex/s)", f"{report['throughput_before']:.0f}", f"{report['throughput_after']:.0f}",
+                  f"{report['speedup']:.2f}x")
+    out.print(table)
+    out.print(f"scoring {report['seconds_scoring']:.1f}s, total {report['seconds_total']:.1f}s; "
+              f"pruned model and report.json in {report['output']}")
+
+
+@cli.command()
+@common_options
+@click.option("--scorer", default="trajectory", show_default=True)
+@click.option("--searcher", default="ptf", show_default=True)
+@click.option("--reducer", default=None, help="Token reducer (vision adapters).")
+@click.option("--budget", default=0.6, show_default=True, type=float, help="Fraction of MACs to keep, in (0, 1].")
+@click.option("--eval-size", default=1000, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.pass_context
+def run(ctx: click.Context, **kw: Any) -> None:
+    """Score, search, prune, evaluate and export (the whole recipe)."""
+    from .recipe import run as run_recipe
+
+    set_quiet(kw.pop("quiet"))
+    options = _plugin_options(ctx, kw.pop("plugin_opts"))
+    _apply_model_defaults(ctx, kw["model"], kw, options)
+    report = run_recipe(kw.pop("model"), options=options, **kw)
+    report["output"] = kw["output"]
+    _summary(report)
+
+
+@cli.command()
+@common_options
+@click.option("--scorer", default="trajectory", show_default=True)
+@click.pass_context
+def score(ctx: click.Context, **kw: Any) -> None:
+    """Only score: write OUTPUT/scores.safetensors (resumes if interrupted)."""
+    from .recipe import run as run_recipe
+
+    set_quiet(kw.pop("quiet"))
+    options = _plugin_options(ctx, kw.pop("plugin_opts"))
+    _apply_model_defaults(ctx, kw["model"], kw, options)
+    res = run_recipe(kw.pop("model"), options=options, score_only=True, **kw)
+    out.print(f"scores written to {res['scores']} ({res['seconds_scoring']:.1f}s)")
+
+
+@cli.command()
+@common_options
+@click.option("--scores", "scores_file", required=True, type=click.Path(dir_okay=False),
+              help="Scores from `optin score` (any budget, no rescoring).")
+@click.option("--searcher", default="ptf", show_default=True)
+@click.option("--budget", default=0.6, show_default=True, type=float, help="Fraction of MACs to keep, in (0, 1].")
+@click.option("--eval-size", default=1000, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.pass_context
+def prune(ctx: click.Context, **kw: Any) -> None:
+    """Prune from saved scores at a budget, evaluate and export."""
+    from .recipe import run as run_recipe
+
+    set_quiet(kw.pop("quiet"))
+    options = _plugin_options(ctx, kw.pop("plugin_opts"))
+    report = run_recipe(kw.pop("model"), options=options, **kw)
+    report["output"] = kw["output"]
+    _summary(report)
+
+
+@cli.command()
+@click.option("--model", required=True, help="Pre-trained model folder or hub id (no head needed).")
+@click.option("--task", default=None)
+@click.option("--data", default=None, type=click.Path(dir_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False))
+@click.option("--epochs", default=2.0, show_default=True, type=float)
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--adapter", default=None)
+def finetune(model: str, task: str | None, data: str | None, output: str, epochs: float, lr: float,
+             batch_size: int, seed: int, adapter: str | None) -> None:
+    """Fine-tune a pre-trained encoder on a task so it can be pruned and evaluated."""
+    from .measure import accuracy
+    from .recipe import batches_of, resolve_task
+    from .train import finetune as train
+
+    the_task = resolve_task(task, data, None)
+    candidates = [adapter] if adapter else [i.name for i in registry.plugins("adapter") if i.available]
+    cls = next((registry.get("adapter", n) for n in candidates if registry.get("adapter", n).claims(model)), None)
+    if cls is None:
+        raise OptinError(f"no adapter can load {model!r} for fine-tuning")
+    ad = cls.load(model, num_labels=the_task.num_labels)
+    log = train(ad, the_task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    acc = accuracy(ad, batches_of(ad, the_task.examples("test"), 64))
+    Path(output).mkdir(parents=True, exist_ok=True)
+    ad.model.save_pretrained(output)
+    ad.save_extras(output)
+    (Path(output) / "optin-finetune.json").write_text(json.dumps({**log, "test_accuracy": acc}, indent=2))
+    out.print(f"fine-tuned {model} on {the_task.name}: test accuracy {acc:.4f}; saved to {output}")
+
+
+def main() -> None:
+    plugin_manager().hook.optin_cli(cli=cli)
+    cli(prog_name="optin")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The four plugin contracts. Plugins subclass these; the core only ever talks to these methods.
+
+- Adapter: knows one model family (units, masking, partial forwards, MACs, physical removal, rebuild).
+- Scorer: units + calibration batches -> importance per unit (higher = keep).
+- Searcher: importances + cost model + budget -> keep-masks.
+- Reducer: at run time, between blocks, tokens -> fewer tokens (used by the vision adapters).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from .units import CostModel, UnitTensors
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class Trace:
+    """What an adapter captured from one unmasked forward, to restart the forward at any block.
+
+    ``embeddings[z]`` is block z's embedding used by the trajectory (for transformers the FFN output
+    before dropout/residual/LayerNorm), ``valid`` marks non-padding token positions (B, T) or None,
+    ``logits`` the unmasked model output. ``state`` is adapter-private (cached block inputs etc.).
+    """
+
+    embeddings: list[torch.Tensor]
+    logits: torch.Tensor
+    valid: torch.Tensor | None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Adapter(ABC):
+    """One model family. Instances wrap one model (and its input processor)."""
+
+    name: ClassVar[str] = ""
+    unit_kinds: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, processor: Any = None) -> None:
+        self.model = model
+        self.processor = processor
+
+    # --- discovery -------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def handles(cls, model: nn.Module) -> bool:
+        """True when this adapter knows the model's architecture."""
+
+    @classmethod
+    def claims(cls, source: str) -> bool:
+        """True when this adapter can load ``source`` (a path or hub id) - a cheap check, no loading."""
+        return False
+
+    @classmethod
+    def load(cls, source: str, num_labels: int | None = None) -> "Adapter":
+        """Load the model (and processor) named by ``source``. With ``num_labels``, a model without a
+        matching trained head gets a fresh one (for fine-tuning)."""
+        raise NotImplementedError(f"adapter {cls.name!r} cannot load models by name")
+
+    # --- data ------------------------------------------------------------------------------------
+    @abstractmethod
+    def collate(self, examples: list[dict]) -> Batch:
+        """Turn task examples (dicts with the task's fields and ``label``) into a model batch."""
+
+    @abstractmethod
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Model output for a batch: class logits (B, C) or per-pixel logits."""
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Task loss (mean over the batch), used by gradient-based scorers and fine-tuning."""
+        return nn.functional.cross_entropy(self.logits(batch), batch["labels"])
+
+    def batch_size(self, batch: Batch) -> int:
+        return int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
+
+    def seq_len(self, batches: list[Batch]) -> float:
+        """Average token count per example used by the cost model (1 for models without tokens)."""
+        return 1.0
+
+    # --- units -----------------------------------------------------------------------------------
+    @abstractmethod
+    def unit_counts(self) -> dict[str, list[int]]:
+        """Current number of units per kind per layer."""
+
+    @abstractmethod
+    @contextmanager
+    def masked(self, masks: UnitTensors) -> Iterator[None]:
+        """Within the context, multiply units by ``masks``. A mask may be (n,) or batched (R, n): then
+        the batch is R replicas of the input and replica r uses mask row r."""
+
+    @abstractmethod
+    def cost_model(self, seq_len: float) -> CostModel:
+        """Analytic MACs per unit at this average sequence length."""
+
+    def unit_weights(self) -> dict[str, list[torch.Tensor]]:
+        """Per unit, the flattened weights it owns: ``{kind: [tensor (n_units, w) per layer]}``."""
+        raise NotImplementedError(f"adapter {self.name!r} does not expose unit weights")
+
+    # --- trajectory support ----------------------------------------------------------------------
+    def trace(self, batch: Batch) -> Trace:
+        raise NotImplementedError(f"adapter {self.name!r} does not support trajectory scoring")
+
+    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor,
+                 batch: Batch) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Forward R replicas of the traced batch from ``layer`` on, masking ``kind`` units of that layer
+        with ``masks`` (R, n). Returns block embeddings {z: (R*B, ...)} for z >= layer and logits (R*B, C)."""
+        raise NotImplementedError(f"adapter {self.name!r} does not support trajectory scoring")
+
+    # --- physical removal and persistence --------------------------------------------------------
+    @abstractmethod
+    def prune(self, masks: UnitTensors) -> None:
+        """Physically remove every unit whose mask is 0 (in place)."""
+
+    @abstractmethod
+    def plan(self) -> dict:
+        """JSON-able description to rebuild the (pruned) architecture without the original weights."""
+
+    @classmethod
+    @abstractmethod
+    def rebuild(cls, plan: dict, directory: str) -> "Adapter":
+        """Recreate the pruned architecture from ``plan`` (weights are loaded by the caller)."""
+
+    def save_extras(self, directory: str) -> None:
+        """Save non-weight artifacts (e.g. the tokenizer) next to the weights."""
+
+    # --- token reduction -------------------------------------------------------------------------
+    def install_reducer(self, reducer: "Reducer", schedule: list[int]) -> None:
+        raise NotImplementedError(f"adapter {self.name!r} has no tokens to reduce")
+
+
+class Scorer(ABC):
+    """Importance per unit (higher = keep)."""
+
+    name: ClassVar[str] = ""
+    needs_labels: ClassVar[bool] = False
+
+    @abstractmethod
+    def score(self, adapter: Adapter, batches: list[Batch], ctx: "ScoreContext") -> UnitTensors:
+        ...
+
+    def describe(self) -> dict:
+        """Options that change the scores (stored in the scores file)."""
+        return {}
+
+
+@dataclass
+class ScoreContext:
+    """Services the core gives a scorer: a resumable checkpoint, progress reporting and a seed."""
+
+    seed: int = 0
+    checkpoint: Any = None  # optin.rankings.Checkpoint or None
+    advance: Callable[[int], None] = lambda n: None  # progress: n units done
+    total: Callable[[int], None] = lambda n: None  # progress: set the number of units to do
+
+    def cached(self, key: str) -> torch.Tensor | None:
+        return None if self.checkpoint is None else self.checkpoint.get(key)
+
+    def store(self, key: str, value: torch.Tensor) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.put(key, value)
+
+
+class Searcher(ABC):
+    """Chooses which units to keep under a MACs budget (a fraction of the unpruned MACs)."""
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def search(self, scores: UnitTensors, costs: CostModel, budget: float) -> UnitTensors:
+        ...
+
+
+class Reducer(ABC):
+    """Token reduction between blocks: ``(x, sizes, r, metric) -> (x', sizes')`` with r tokens fewer."""
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def reduce(self, x: torch.Tensor, sizes: torch.Tensor, r: int,
+               metric: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ...

@@ -1,0 +1,44 @@
+"""Distillation distances used by the trajectory scorer (pure functions on tensors)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_rows(valid: torch.Tensor | None, n_rows: int, k: int, seed: int) -> torch.Tensor:
+    """Indices of ``k`` rows of the flattened (B*T) token matrix, drawn once from non-padding rows."""
+    rows = torch.arange(n_rows) if valid is None else torch.nonzero(valid.reshape(-1)).flatten()
+    if rows.numel() <= k:
+        return rows
+    g = torch.Generator().manual_seed(seed)
+    return rows[torch.randperm(rows.numel(), generator=g)[:k]].sort().values
+
+
+def select_rows(features: torch.Tensor, replicas: int, rows: torch.Tensor) -> torch.Tensor:
+    """(R*B, T, D) stacked replicas -> (R, K, D): the sampled token rows of each replica."""
+    return features.reshape(replicas, -1, features.shape[-1])[:, rows]
+
+
+def relation_map(features: torch.Tensor) -> torch.Tensor:
+    """Manifold relation map ``f f^T`` of L2-normalised token features: (R, K, D) -> (R, K, K)."""
+    f = F.normalize(features.float(), dim=-1)
+    return f @ f.transpose(1, 2)
+
+
+def manifold_distance(masked: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """L_MD: ``sum((M' - M)^2)`` per replica for relation maps (R, K, K) vs (K, K) -> (R,)."""
+    return (masked - reference.unsqueeze(0)).pow(2).sum(dim=(1, 2))
+
+
+def kd_divergence(masked_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 4.0,
+                  divide_by_t: bool = True) -> torch.Tensor:
+    """L_KD per replica: ``KL(softmax(z/T) || softmax(z'/T)) * T^2``, summed over the batch.
+
+    ``masked_logits`` (R, B, C), ``logits`` (B, C). With ``divide_by_t=False`` the logits are not divided
+    by T (the official OPTIN code's variant) but the result is still multiplied by T^2.
+    """
+    t = temperature if divide_by_t else 1.0
+    p_log = F.log_softmax(logits.float() / t, dim=-1).unsqueeze(0)
+    q_log = F.log_softmax(masked_logits.float() / t, dim=-1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(dim=-1)  # (R, B)
+    return kl.sum(dim=-1) * temperature**2

@@ -1,0 +1,310 @@
+"""Adapter for HF BERT-family encoders (BertModel, BertForSequenceClassification, MiniLM, RoBERTa layout).
+
+Units: attention heads and FFN hidden neurons per layer. transformers 5 has no ``head_mask`` nor
+``prune_heads``: heads are masked by scaling the per-head context vectors going into the attention
+output projection, neurons by scaling the FFN activations going into the FFN output projection,
+both with forward pre-hooks; physical removal slices the Linear layers.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from optin.contracts import Adapter, Batch, Trace
+from optin.errors import OptinError
+from optin.masking import apply_unit_mask
+from optin.surgery import head_rows, slice_linear
+from optin.units import CostModel, UnitTensors
+
+BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
+
+
+class _NoHeads(nn.Module):
+    """Stands in for a self-attention whose heads were all removed: contributes nothing (B, T, 0)."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.num_attention_heads = 0
+        self.attention_head_size = head_dim
+        self.all_head_size = 0
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+
+
+class _Replay(nn.Module):
+    """Returns a cached attention output, so a forward can restart at a block's FFN."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return self.value, None
+
+
+def _encoder_of(model: nn.Module) -> nn.Module | None:
+    base = getattr(model, "base_model", model)
+    enc = getattr(base, "encoder", None)
+    layers = getattr(enc, "layer", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return None
+    first = layers[0]
+    ok = all(hasattr(first, a) for a in ("attention", "intermediate", "output")) and \
+        hasattr(first.attention, "self") and hasattr(first.attention.self, "query") and \
+        hasattr(getattr(base, "embeddings", None), "word_embeddings")
+    return enc if ok else None
+
+
+def _local_config(source: str) -> dict | None:
+    cfg = Path(source) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except ValueError:
+        return None
+
+
+class BertAdapter(Adapter):
+    """HF BERT-family encoders: attention heads and FFN neurons."""
+
+    name = "bert"
+    unit_kinds = ("heads", "neurons")
+    max_length = 128
+
+    def __init__(self, model: nn.Module, processor: Any = None) -> None:
+        super().__init__(model, processor)
+        enc = _encoder_of(model)
+        if enc is None:
+            raise OptinError(f"{type(model).__name__} does not have the BERT layout (encoder.layer[i].attention.self)")
+        self.encoder = enc
+        self.base = getattr(model, "base_model", model)
+        self.layers = list(enc.layer)
+        self.head_dim = int(self.layers[0].attention.self.attention_head_size)
+        self.hidden = int(model.config.hidden_size)
+        counts = self.unit_counts()
+        self.kept_index = {k: [list(range(n)) for n in ns] for k, ns in counts.items()}
+
+    # --- discovery -------------------------------------------------------------------------------
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return _encoder_of(model) is not None and hasattr(model, "config")
+
+    @classmethod
+    def claims(cls, source: str) -> bool:
+        cfg = _local_config(source)
+        if cfg is None and Path(source).exists():
+            return False
+        if cfg is None:  # a hub id: ask the hub (fails fast offline)
+            try:
+                from transformers import AutoConfig
+                cfg = AutoConfig.from_pretrained(source).to_dict()
+            except Exception:
+                return False
+        return cfg.get("model_type") in BERT_LIKE
+
+    @classmethod
+    def load(cls, source: str, num_labels: int | None = None) -> "BertAdapter":
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(source)
+        archs = config.architectures or []
+        if num_labels is not None:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, ignore_mismatched_sizes=True)
+            return cls(model, AutoTokenizer.from_pretrained(source))
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise OptinError(f"model {source!r} ({', '.join(archs) or 'no architecture'}) has no trained "
+                             "classification head; fine-tune it first: optin finetune --model "
+                             f"{source} --task TASK --output DIR")
+        model = AutoModelForSequenceClassification.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        return cls(model.eval(), tokenizer)
+
+    # --- data ------------------------------------------------------------------------------------
+    def collate(self, examples: list[dict]) -> Batch:
+        if self.processor is None:
+            raise OptinError("this BERT model has no tokenizer: pass processor=AutoTokenizer.from_pretrained(...)")
+        texts = [e["text"] for e in examples]
+        pairs = [e["text_pair"] for e in examples] if "text_pair" in examples[0] else None
+        enc = self.processor(texts, pairs, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        batch = dict(enc)
+        if "label" in examples[0]:
+            batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
+        return batch
+
+    @staticmethod
+    def _inputs(batch: Batch) -> Batch:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        out = self.model(**self._inputs(batch))
+        return out.logits if hasattr(out, "logits") else out.pooler_output
+
+    def seq_len(self, batches: list[Batch]) -> float:
+        lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).float()
+        return float(lengths.mean())
+
+    # --- units -----------------------------------------------------------------------------------
+    def unit_counts(self) -> dict[str, list[int]]:
+        return {"heads": [int(l.attention.self.num_attention_heads) for l in self.layers],
+                "neurons": [int(l.intermediate.dense.out_features) for l in self.layers]}
+
+    def _mask_targets(self, kind: str, layer: int) -> tuple[nn.Module, int]:
+        block = self.layers[layer]
+        if kind == "heads":
+            return block.attention.output.dense, self.head_dim
+        if kind == "neurons":
+            return block.output.dense, 1
+        raise OptinError(f"adapter bert has no unit kind {kind!r} (kinds: heads, neurons)")
+
+    @contextmanager
+    def masked(self, masks: UnitTensors) -> Iterator[None]:
+        handles = []
+        try:
+            for kind, per_layer in masks.items():
+                for layer, mask in enumerate(per_layer):
+                    if mask is None:
+                        continue
+                    module, size = self._mask_targets(kind, layer)
+                    handles.append(module.register_forward_pre_hook(
+                        lambda mod, args, m=mask, s=size: (apply_unit_mask(args[0], m, s), *args[1:])))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def cost_model(self, seq_len: float) -> CostModel:
+        L, H, d = float(seq_len), float(self.hidden), float(self.head_dim)
+        counts = self.unit_counts()
+        n = len(self.layers)
+        return CostModel(per_unit={"heads": [4 * L * H * d + 2 * L * L * d] * n, "neurons": [2 * L * H] * n},
+                         counts=counts, fixed=0.0, notes={"seq_len": L})
+
+    def unit_weights(self) -> dict[str, list[torch.Tensor]]:
+        heads, neurons = [], []
+        d = self.head_dim
+        for l in self.layers:
+            att, out = l.attention.self, l.attention.output.dense
+            n = int(att.num_attention_heads)
+            if n:
+                qkv = [getattr(att, p).weight.reshape(n, d * self.hidden) for p in ("query", "key", "value")]
+                o = out.weight.reshape(self.hidden, n, d).permute(1, 0, 2).reshape(n, -1)
+                heads.append(torch.cat([*qkv, o], dim=1).detach())
+            else:
+                heads.append(torch.zeros(0, 4 * d * self.hidden))
+            neurons.append(torch.cat([l.intermediate.dense.weight, l.output.dense.weight.t()], dim=1).detach())
+        return {"heads": heads, "neurons": neurons}
+
+    # --- trajectory ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def trace(self, batch: Batch) -> Trace:
+        inputs, attn_out, emb = {}, {}, {}
+        handles = []
+        for i, l in enumerate(self.layers):
+            handles.append(l.register_forward_pre_hook(
+                lambda m, a, k, i=i: inputs.__setitem__(i, (a[0] if a else k["hidden_states"]).detach()),
+                with_kwargs=True))
+            handles.append(l.attention.register_forward_hook(
+                lambda m, a, o, i=i: attn_out.__setitem__(i, o[0].detach())))
+            handles.append(l.output.dense.register_forward_hook(
+                lambda m, a, o, i=i: emb.__setitem__(i, o.detach())))
+        try:
+            logits = self.logits(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        n = len(self.layers)
+        return Trace(embeddings=[emb[i] for i in range(n)], logits=logits.detach(),
+                     valid=batch["attention_mask"].bool(),
+                     state={"inputs": [inputs[i] for i in range(n)], "attention": [attn_out[i] for i in range(n)]})
+
+    @torch.no_grad()
+    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
+                 select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        reps = masks.shape[0]
+        inputs = {k: v.repeat(reps, *([1] * (v.dim() - 1))) for k, v in self._inputs(batch).items()}
+        start = trace.state["inputs"][layer].repeat(reps, 1, 1)
+        block = self.layers[layer]
+        saved_attention = block.attention
+        collected: dict[int, torch.Tensor] = {}
+        handles = [self.base.embeddings.register_forward_hook(lambda m, a, o: start)]
+        for z in range(layer, len(self.layers)):
+            handles.append(self.layers[z].output.dense.register_forward_hook(
+                lambda m, a, o, z=z: collected.__setitem__(z, select(o))))
+        module, size = self._mask_targets(kind, layer)
+        handles.append(module.register_forward_pre_hook(
+            lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
+        full = self.encoder.layer
+        try:
+            if kind == "neurons":  # the masked FFN does not change this block's attention: replay it
+                block.attention = _Replay(trace.state["attention"][layer].repeat(reps, 1, 1))
+            self.encoder.layer = nn.ModuleList(self.layers[layer:])
+            logits = self.logits(inputs)
+        finally:
+            self.encoder.layer = full
+            block.attention = saved_attention
+            for h in handles:
+                h.remove()
+        return collected, logits
+
+    # --- physical removal ------------------------------------------------------------------------
+    @torch.no_grad()
+    def prune(self, masks: UnitTensors) -> None:
+        d = self.head_dim
+        for i, block in enumerate(self.layers):
+            if "heads" in masks:
+                keep = torch.nonzero(masks["heads"][i] > 0).flatten().tolist()
+                rows = head_rows(keep, d)
+                att = block.attention.self
+                if keep:
+                    for p in ("query", "key", "value"):
+                        setattr(att, p, slice_linear(getattr(att, p), out_idx=rows))
+                    att.num_attention_heads = len(keep)
+                    att.all_head_size = len(keep) * d
+                elif not isinstance(att, _NoHeads):
+                    block.attention.self = _NoHeads(d)
+                block.attention.output.dense = slice_linear(block.attention.output.dense, in_idx=rows)
+                self.kept_index["heads"][i] = [self.kept_index["heads"][i][k] for k in keep]
+            if "neurons" in masks:
+                keep_t = torch.nonzero(masks["neurons"][i] > 0).flatten()
+                block.intermediate.dense = slice_linear(block.intermediate.dense, out_idx=keep_t)
+                block.output.dense = slice_linear(block.output.dense, in_idx=keep_t)
+                self.kept_index["neurons"][i] = [self.kept_index["neurons"][i][k] for k in keep_t.tolist()]
+
+    def plan(self) -> dict:
+        return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),
+                "unit_counts": self.unit_counts(), "kept_index": self.kept_index}
+
+    @classmethod
+    def rebuild(cls, plan: dict, directory: str) -> "BertAdapter":
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
+        model_cls = getattr(transformers, plan["model_class"], None)
+        if model_cls is None or not isinstance(model_cls, type):
+            raise OptinError(f"unknown model class {plan['model_class']!r} in the plan")
+        cfg = dict(plan["config"])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        model = model_cls(config)
+        tokenizer = None
+        if (Path(directory) / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        adapter = cls(model.eval(), tokenizer)
+        counts = plan["unit_counts"]
+        adapter.prune({k: [torch.arange(full) < keep for full, keep in zip(adapter.unit_counts()[k], counts[k])]
+                       for k in counts})
+        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
+        return adapter
+
+    def save_extras(self, directory: str) -> None:
+        if self.processor is not None and hasattr(self.processor, "save_pretrained"):
+            self.processor.save_pretrained(directory)

@@ -1,0 +1,28 @@
+"""Magnitude baseline: a unit's importance is the norm of the weights it owns."""
+from __future__ import annotations
+
+from optin.contracts import Adapter, Batch, ScoreContext, Scorer
+from optin.units import UnitTensors
+
+
+class MagnitudeScorer(Scorer):
+    """Norm of each unit's weights (heads: Q/K/V rows + output columns; neurons: in row + out column)."""
+
+    name = "magnitude"
+
+    def __init__(self, p: float = 2.0) -> None:
+        self.p = float(p)
+
+    def describe(self) -> dict:
+        return {"p": self.p}
+
+    def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
+        weights = adapter.unit_weights()
+        ctx.total(sum(len(w) for ws in weights.values() for w in ws))
+        out: UnitTensors = {}
+        for kind, layers in weights.items():
+            out[kind] = []
+            for w in layers:
+                out[kind].append(w.float().norm(p=self.p, dim=1) if w.numel() else w.new_zeros(w.shape[0]))
+                ctx.advance(w.shape[0])
+        return out

@@ -1,0 +1,134 @@
+"""OPTIN trajectory importance (Khaki & Plataniotis, ICLR 2024, Eq. 3), computed exactly.
+
+For unit j of block i: mask it, rerun the model from block i on (cached inputs, several masks per
+forward), and measure how far the later blocks' embeddings (manifold distillation) and the logits
+(knowledge distillation) move:  I(i, j) = sum_{z > i} L_MD(F'_z, F_z) + lambda * L_KD(logits', logits).
+The last block uses its own embedding. One fixed token sample per calibration batch serves every unit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from optin.contracts import Adapter, Batch, ScoreContext, Scorer
+from optin.errors import OptinError
+from optin.losses import kd_divergence, manifold_distance, relation_map, sample_rows, select_rows
+from optin.units import UnitTensors
+
+
+def unit_groups(n: int, size: int) -> list[list[int]]:
+    """Consecutive groups of ``size`` unit indices covering ``range(n)``."""
+    return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def group_masks(n: int, groups: list[list[int]]) -> torch.Tensor:
+    """(len(groups), n) masks of ones with group g's units zeroed in row g."""
+    masks = torch.ones(len(groups), n)
+    for r, g in enumerate(groups):
+        masks[r, g] = 0.0
+    return masks
+
+
+def combine(md: UnitTensors, kd: UnitTensors, lambda_kd: float | str, contribution: float) -> tuple[UnitTensors, float]:
+    """``md + lambda * kd``. With ``lambda_kd="auto"`` lambda is the power of ten that makes the KD term
+    about ``1/contribution`` of the MD term on average (the official code's rescaling)."""
+    if lambda_kd == "auto":
+        md_mean = torch.cat([t for v in md.values() for t in v]).mean().item()
+        kd_mean = torch.cat([t for v in kd.values() for t in v]).mean().item()
+        lam = 10.0 ** round(math.log10(md_mean / (contribution * kd_mean))) if md_mean > 0 and kd_mean > 0 else 1.0
+    else:
+        lam = float(lambda_kd)
+    return {k: [m + lam * q for m, q in zip(md[k], kd[k])] for k in md}, lam
+
+
+class TrajectoryScorer(Scorer):
+    """OPTIN: manifold + logit distillation along the forward trajectory when a unit is masked."""
+
+    name = "trajectory"
+
+    def __init__(self, temperature: float = 4.0, lambda_kd: float | str = "auto", lambda_contribution: float = 10.0,
+                 rows: int = 768, neuron_group: int = 1, tokens_per_forward: int = 32768,
+                 kd_divide_by_t: bool = True, kinds: list[str] | None = None) -> None:
+        if int(neuron_group) < 1:
+            raise OptinError(f"neuron_group must be >= 1, got {neuron_group}")
+        self.temperature = float(temperature)
+        self.lambda_kd = lambda_kd if lambda_kd == "auto" else float(lambda_kd)
+        self.contribution = float(lambda_contribution)
+        self.rows = int(rows)
+        self.neuron_group = int(neuron_group)
+        self.tokens_per_forward = int(tokens_per_forward)
+        self.kd_divide_by_t = bool(kd_divide_by_t)
+        self.kinds = kinds
+        self.extras: dict[str, UnitTensors] = {}
+
+    def describe(self) -> dict:
+        return {"temperature": self.temperature, "lambda_kd": self.lambda_kd,
+                "lambda_contribution": self.contribution, "rows": self.rows, "neuron_group": self.neuron_group,
+                "kd_divide_by_t": self.kd_divide_by_t, "kinds": self.kinds}
+
+    def _group_size(self, kind: str) -> int:
+        return 1 if kind == "heads" else self.neuron_group
+
+    def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
+        counts = adapter.unit_counts()
+        kinds = self.kinds or list(counts)
+        n_layers = len(next(iter(counts.values())))
+        traces = [adapter.trace(b) for b in batches]
+        samples = []  # per batch: token rows and reference relation maps per block
+        for b, tr in enumerate(traces):
+            first = tr.embeddings[0]
+            rows = sample_rows(tr.valid, first.shape[0] * first.shape[1] if first.dim() == 3 else first.shape[0],
+                               self.rows, ctx.seed + b)
+            refs = [relation_map(select_rows(e, 1, rows))[0] for e in tr.embeddings]
+            samples.append((rows, refs))
+        ctx.total(sum(len(unit_groups(n, self._group_size(k))) for k in kinds for n in counts[k]))
+        md: UnitTensors = {k: [] for k in kinds}
+        kd: UnitTensors = {k: [] for k in kinds}
+        for kind in kinds:
+            for layer, n in enumerate(counts[kind]):
+                groups = unit_groups(n, self._group_size(kind))
+                key = f"{kind}.{layer}"
+                got_md, got_kd = ctx.cached(f"md/{key}"), ctx.cached(f"kd/{key}")
+                if got_md is None or got_kd is None:
+                    got_md, got_kd = self._score_layer(adapter, batches, traces, samples, kind, layer, n, groups,
+                                                       n_layers, ctx)
+                    ctx.store(f"md/{key}", got_md)
+                    ctx.store(f"kd/{key}", got_kd)
+                else:
+                    ctx.advance(len(groups))
+                md[kind].append(self._expand(got_md, groups, n))
+                kd[kind].append(self._expand(got_kd, groups, n))
+        values, self.lambda_used = combine(md, kd, self.lambda_kd, self.contribution)
+        self.extras = {"md": md, "kd": kd}
+        return values
+
+    @staticmethod
+    def _expand(group_scores: torch.Tensor, groups: list[list[int]], n: int) -> torch.Tensor:
+        out = torch.zeros(n)
+        for s, g in zip(group_scores, groups):
+            out[g] = s
+        return out
+
+    def _score_layer(self, adapter: Adapter, batches: list[Batch], traces: list, samples: list, kind: str,
+                     layer: int, n: int, groups: list[list[int]], n_layers: int,
+                     ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor]:
+        md = torch.zeros(len(groups), dtype=torch.float64)
+        kd = torch.zeros(len(groups), dtype=torch.float64)
+        targets = [z for z in range(layer + 1, n_layers)] or [layer]
+        for b, (batch, tr, (rows, refs)) in enumerate(zip(batches, traces, samples)):
+            tokens = max(1, tr.embeddings[0].numel() // tr.embeddings[0].shape[-1])
+            per = max(1, self.tokens_per_forward // tokens)
+            for start in range(0, len(groups), per):
+                chunk = groups[start:start + per]
+                masks = group_masks(n, chunk)
+                reps = masks.shape[0]
+                emb, logits = adapter.run_from(tr, kind, layer, masks, batch,
+                                               select=lambda o, r=reps: select_rows(o, r, rows))
+                loss = sum(manifold_distance(relation_map(emb[z]), refs[z]) for z in targets)
+                md[start:start + reps] += loss.double()
+                kd[start:start + reps] += kd_divergence(logits.reshape(reps, *tr.logits.shape), tr.logits,
+                                                        self.temperature, self.kd_divide_by_t).double()
+                if b == len(batches) - 1:
+                    ctx.advance(reps)
+        return md.float(), kd.float()
