@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +24,7 @@ class NamedModel:
     description: str
     task: str
     build: Callable[[], str]
+    defaults: dict = field(default_factory=dict)  # CLI flag defaults for this model (user flags win)
 
 
 def cache_dir() -> Path:

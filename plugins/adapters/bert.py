@@ -112,6 +112,10 @@ class BertAdapter(Adapter):
     @classmethod
     def load(cls, source: str, num_labels: int | None = None) -> "BertAdapter":
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # keep load reports and weight-loading bars off the user's screen
+        hf_logging.disable_progress_bar()
 
         config = AutoConfig.from_pretrained(source)
         archs = config.architectures or []

@@ -14,4 +14,5 @@ class RandomScorer(Scorer):
 
     def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
         g = torch.Generator().manual_seed(ctx.seed)
+        ctx.total(0)
         return {k: [torch.rand(n, generator=g) for n in ns] for k, ns in adapter.unit_counts().items()}
