@@ -14,7 +14,7 @@ from rich.table import Table
 from . import __version__, registry
 from .config import parse_option, read_config
 from .errors import OptinError
-from .hooks import broken, plugin_manager
+from .hooks import broken, conflicts, plugin_manager
 from .models import named_models
 from .progress import set_quiet
 from .tasks import known_tasks
@@ -39,7 +39,7 @@ class OptinGroup(click.Group):
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value:
-        known = [p.name for p in ctx.command.params if p.name not in ("config",)]
+        known = [p.name for p in ctx.command.params if p.name not in ("config",)] + ["options"]
         try:
             cfg = read_config(value, known)
         except OptinError as exc:
@@ -69,7 +69,7 @@ def common_options(fn):
                      help="Your own labelled CSV/JSONL (columns text, label)."),
         click.option("--adapter", default=None, help="Force an adapter instead of auto-detection."),
         click.option("--seed", default=0, show_default=True, type=int),
-        click.option("--calib-size", default=128, show_default=True, type=int,
+        click.option("--calib-size", default=128, show_default=True, type=click.IntRange(min=1),
                      help="Calibration examples (one batch) for scoring."),
         click.option("--output", default="optin-output", show_default=True, type=click.Path(file_okay=False)),
         click.option("--set", "plugin_opts", multiple=True, metavar="KEY=VALUE",
@@ -99,7 +99,7 @@ def list_cmd(as_json: bool) -> None:
                          "available": i.available, "error": i.error, "summary": i.summary} for i in infos],
             "tasks": {n: t.description for n, t in tasks.items()},
             "models": {n: m.description for n, m in models.items()},
-            "broken_hooks": broken}, indent=2))
+            "broken_hooks": broken, "conflicts": conflicts}, indent=2))
         return
     table = Table(title="optin plugins")
     for col in ("kind", "name", "origin", "status", "what it does"):
@@ -119,6 +119,8 @@ def list_cmd(as_json: bool) -> None:
     out.print(t2)
     for name, why in broken.items():
         out.print(f"[red]hook plugin {name} failed to load[/red]: {why}")
+    for name, why in conflicts.items():
+        out.print(f"[yellow]{name}[/yellow]: {why}")
 
 
 def _apply_model_defaults(ctx: click.Context, model: str | None, values: dict, options: dict) -> None:
@@ -157,8 +159,8 @@ def _summary(report: dict) -> None:
 @click.option("--searcher", default="ptf", show_default=True)
 @click.option("--reducer", default=None, help="Token reducer (vision adapters).")
 @click.option("--budget", default=0.6, show_default=True, type=float, help="Fraction of MACs to keep, in (0, 1].")
-@click.option("--eval-size", default=1000, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.pass_context
 def run(ctx: click.Context, **kw: Any) -> None:
     """Score, search, prune, evaluate and export (the whole recipe)."""
@@ -193,8 +195,8 @@ def score(ctx: click.Context, **kw: Any) -> None:
               help="Scores from `optin score` (any budget, no rescoring).")
 @click.option("--searcher", default="ptf", show_default=True)
 @click.option("--budget", default=0.6, show_default=True, type=float, help="Fraction of MACs to keep, in (0, 1].")
-@click.option("--eval-size", default=1000, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.pass_context
 def prune(ctx: click.Context, **kw: Any) -> None:
     """Prune from saved scores at a budget, evaluate and export."""

@@ -36,7 +36,12 @@ class Trace:
 
 
 class Adapter(ABC):
-    """One model family. Instances wrap one model (and its input processor)."""
+    """One model family. Instances wrap one model (and its input processor).
+
+    ``name`` must equal the entry-point name: pruned exports record it to find the adapter again.
+    A plugin of any kind may define ``unavailable_reason()`` (a classmethod or staticmethod returning a
+    string or None) to be listed as unavailable, with the reason, where it cannot run.
+    """
 
     name: ClassVar[str] = ""
     unit_kinds: ClassVar[tuple[str, ...]] = ()
@@ -105,10 +110,12 @@ class Adapter(ABC):
     def trace(self, batch: Batch) -> Trace:
         raise NotImplementedError(f"adapter {self.name!r} does not support trajectory scoring")
 
-    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor,
-                 batch: Batch) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
+                 select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Forward R replicas of the traced batch from ``layer`` on, masking ``kind`` units of that layer
-        with ``masks`` (R, n). Returns block embeddings {z: (R*B, ...)} for z >= layer and logits (R*B, C)."""
+        with ``masks`` (R, n). Returns ``{z: select(embedding_z)}`` for z >= layer (embedding_z is
+        (R*B, ...), ``select`` lets the caller keep only what it needs) and logits (R*B, C)."""
         raise NotImplementedError(f"adapter {self.name!r} does not support trajectory scoring")
 
     # --- physical removal and persistence --------------------------------------------------------
@@ -129,6 +136,8 @@ class Adapter(ABC):
         """Save non-weight artifacts (e.g. the tokenizer) next to the weights."""
 
     # --- token reduction -------------------------------------------------------------------------
+    has_tokens: ClassVar[bool] = False
+
     def install_reducer(self, reducer: "Reducer", schedule: list[int]) -> None:
         raise NotImplementedError(f"adapter {self.name!r} has no tokens to reduce")
 
@@ -138,6 +147,8 @@ class Scorer(ABC):
 
     name: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = False
+    # Optional by-products saved next to the scores (e.g. trajectory's md/kd components), set by score().
+    extras: dict[str, UnitTensors] = {}
 
     @abstractmethod
     def score(self, adapter: Adapter, batches: list[Batch], ctx: "ScoreContext") -> UnitTensors:

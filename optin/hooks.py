@@ -32,7 +32,7 @@ class OptinHookSpecs:
 
     @hookspec
     def optin_progress(self, event: str, info: dict) -> None:
-        """Observe recipe progress: events ``stage`` (info: stage name), ``scored`` (kind, layer) and ``done``."""
+        """Observe recipe progress: ``stage`` (info: stage, scorer) after scoring and ``done`` (info: report)."""
 
 
 broken: dict[str, str] = {}  # hook plugins that failed to import: name -> reason (shown by `optin list`)
@@ -46,7 +46,8 @@ def plugin_manager() -> pluggy.PluginManager:
     """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(OptinHookSpecs)
-    for ep in entry_points(group="optin.hooks"):
+    eps = sorted(entry_points(group="optin.hooks"), key=lambda ep: (ep.dist is None or ep.dist.name != "optin"))
+    for ep in eps:  # built-ins first, so a third-party plugin cannot silently replace them
         if pm.get_plugin(ep.name) is not None:
             continue
         try:
@@ -56,11 +57,23 @@ def plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
+conflicts: dict[str, str] = {}  # "hook:name" -> why a contribution was ignored (shown by `optin list`)
+
+
 def collect(hook_name: str) -> dict[str, Any]:
-    """Merge the dicts returned by every implementation of a dict-returning hook (first wins)."""
+    """Merge the dicts returned by every implementation of a dict-returning hook.
+
+    Names are first come, first served in registration order (built-ins register first, as the ``optin``
+    distribution's entry points); a later plugin reusing a name is ignored and recorded in ``conflicts``.
+    """
+    pm = plugin_manager()
     merged: dict[str, Any] = {}
-    for part in reversed(getattr(plugin_manager().hook, hook_name)()):
-        merged.update(part or {})
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order
+        for name, value in (getattr(impl.plugin, hook_name)() or {}).items():
+            if name in merged:
+                conflicts[f"{hook_name}:{name}"] = f"{impl.plugin_name} also defines {name!r}; ignored"
+                continue
+            merged[name] = value
     return merged
 
 

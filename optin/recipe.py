@@ -164,6 +164,9 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
     """The CLI's job: prune ``model`` on ``task`` and write the pruned model and ``report.json``."""
     t_start = time.perf_counter()
     budget = check_budget(budget)
+    for flag, value in (("calib-size", calib_size), ("eval-size", eval_size), ("batch-size", batch_size)):
+        if int(value) < 1:
+            raise OptinError(f"--{flag} must be a positive number of examples, got {value}")
     options = dict(options or {})
     selected = [("scorer", scorer), ("searcher", searcher)] + ([("reducer", reducer)] if reducer else [])
     registry.check_options(options, selected)  # unknown plugin names and option typos fail before any work
@@ -172,6 +175,9 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
     say(f"[bold]model[/bold] {source}   [bold]task[/bold] {the_task.name}   "
         f"[bold]scorer[/bold] {scorer}   [bold]searcher[/bold] {searcher}   [bold]budget[/bold] {budget}")
     ad = load_model(source, adapter)
+    if reducer is not None and not ad.has_tokens:
+        raise OptinError(f"--reducer {reducer}: adapter {ad.name!r} has no tokens to reduce; token reducers "
+                         "work with the vision adapters (deit/vit/swin)")
     n_labels = getattr(getattr(ad.model, "config", None), "num_labels", None)
     if n_labels is not None and n_labels != the_task.num_labels and not score_only:
         raise OptinError(f"model {source!r} predicts {n_labels} classes but task {the_task.name!r} has "

@@ -21,7 +21,8 @@ def finetune(adapter: Adapter, task: Task, epochs: float = 2.0, lr: float = 1e-4
     steps_per_epoch = (len(examples) + batch_size - 1) // batch_size
     total = max(1, int(steps_per_epoch * epochs))
     warmup = max(1, total // 10)
-    opt = torch.optim.AdamW(adapter.model.parameters(), lr=lr, weight_decay=weight_decay)
+    trainable = [p for p in adapter.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     adapter.model.train()
@@ -37,7 +38,7 @@ def finetune(adapter: Adapter, task: Task, epochs: float = 2.0, lr: float = 1e-4
                 loss = adapter.loss(adapter.collate(examples[i:i + batch_size]))
                 opt.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(adapter.model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 opt.step()
                 sched.step()
                 losses.append(loss.item())

@@ -355,3 +355,29 @@ def test_recipe_search_checks_budget(adapter, batch):
     for bad in (0, 1.5):
         with pytest.raises(BudgetError):
             optin.search(adapter, scores, bad, seq_len=8.0)
+
+
+# --- the notebook API on already pruned models ----------------------------------------------------
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_scorers_on_a_pruned_model_with_empty_layers(batch, name):
+    ad = BertAdapter(make_tiny_bert())
+    masks = {k: [torch.ones(n) for n in ns] for k, ns in ad.unit_counts().items()}
+    masks["heads"][1] = torch.zeros(HEADS)
+    masks["neurons"][2] = torch.zeros(INTERMEDIATE)
+    masks["neurons"][0][:8] = 0.0
+    ad.prune(masks)
+    scores = optin.score(ad, [batch], name, {"neuron_group": 8} if name == "trajectory" else None)
+    assert _counts(scores.values) == {"heads": [HEADS, 0, HEADS], "neurons": [INTERMEDIATE - 8, INTERMEDIATE, 0]}
+    result = optin.prune(ad, [batch], scores=scores, budget=0.5)
+    assert result.macs_after <= 0.5 * result.macs_before
+
+
+def test_prune_accepts_a_plain_model(batch):
+    model = make_tiny_bert()
+    result = optin.prune(model, [batch], scorer="magnitude", budget=0.6)
+    assert isinstance(result.adapter, BertAdapter) and result.model is model
+    assert result.macs_after <= 0.6 * result.macs_before
+    assert result.adapter.unit_counts() == result.info["kept"]
+    with pytest.raises(BudgetError):
+        optin.prune(make_tiny_bert(), [batch], scorer="magnitude", budget=0)

