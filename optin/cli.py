@@ -30,11 +30,16 @@ class CliError(click.ClickException):
 
 
 class OptinGroup(click.Group):
+    """Turns every bad-input error of a subcommand (ours or click's) into one line and exit code 2."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except OptinError as exc:
             raise CliError(str(exc)) from None
+        except click.UsageError as exc:
+            cmd = f" (see `optin {ctx.invoked_subcommand} --help`)" if ctx.invoked_subcommand else ""
+            raise CliError(exc.format_message() + cmd) from None
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -89,7 +89,10 @@ def score(adapter: Adapter, batches: list[Batch], scorer: str = "trajectory", op
     adapter.model.eval()
     with bar(f"scoring ({scorer})") as (advance, set_total):
         ctx = ScoreContext(seed=seed, checkpoint=ckpt, advance=advance, total=set_total)
-        values = impl.score(adapter, batches, ctx)
+        try:
+            values = impl.score(adapter, batches, ctx)
+        except NotImplementedError as exc:
+            raise OptinError(f"scorer {scorer!r} does not work with adapter {adapter.name!r}: {exc}") from exc
     extras = getattr(impl, "extras", {}) or {}
     result = Scores(values=values, adapter=adapter.name, fingerprint=fp, scorer=scorer,
                     options=impl.describe(), extras=extras)

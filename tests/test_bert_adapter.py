@@ -197,12 +197,25 @@ def test_trace_captures_unmasked_embeddings_and_logits(adapter, batch):
     assert tr.embeddings[0].shape == (4, 10, HIDDEN)
     assert torch.equal(tr.valid, batch["attention_mask"].bool())
     assert torch.allclose(tr.logits, logits_of(adapter, batch), atol=1e-6)
-    assert len(tr.state["inputs"]) == LAYERS
 
 
+def test_chunks_are_length_sorted_and_trimmed(adapter, batch):
+    adapter.chunk_size = 2
+    chunks = adapter._chunks(batch)
+    lengths = batch["attention_mask"].sum(1)
+    assert sorted(torch.cat([idx for idx, _ in chunks]).tolist()) == list(range(4))
+    for idx, inputs in chunks:
+        assert inputs["input_ids"].shape[1] == int(lengths[idx].max())
+
+
+@pytest.mark.parametrize("chunk_size", [0, 2])
 @pytest.mark.parametrize("kind", ["heads", "neurons"])
 @pytest.mark.parametrize("layer", list(range(LAYERS)))
-def test_run_from_reproduces_full_masked_forward(adapter, batch, kind, layer):
+def test_run_from_reproduces_full_masked_forward(adapter, batch, kind, layer, chunk_size):
+    """Restarting at a block, batching masks and (chunk_size=2) length-sorted chunks change no value
+    at any non-padding position."""
+    adapter.chunk_size = chunk_size
+    valid = batch["attention_mask"].bool()
     n = adapter.unit_counts()[kind][layer]
     g = torch.Generator().manual_seed(10 * layer + len(kind))
     rows = (torch.rand(3, n, generator=g) < 0.5).float()
@@ -218,7 +231,7 @@ def test_run_from_reproduces_full_masked_forward(adapter, batch, kind, layer):
         assert torch.allclose(logits[r], ref_logits[r], atol=1e-5)
         for z in range(layer, LAYERS):
             got = emb[z].reshape(3, B, *emb[z].shape[1:])[r]
-            assert torch.allclose(got, ref_emb[r][z], atol=1e-5), (r, z)
+            assert torch.allclose(got[valid], ref_emb[r][z][valid], atol=1e-5), (r, z)
     # the all-ones row reproduces the trace
     assert torch.allclose(logits[0], tr.logits, atol=1e-5)
     # and the model is left intact afterwards

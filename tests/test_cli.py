@@ -172,11 +172,7 @@ def test_prune_with_corrupt_scores(workspace, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--calib-size", "--eval-size", "--batch-size"])
 def test_non_positive_sizes_are_input_errors(workspace, tmp_path, flag):
-    # LIBRARY BUG (fails on purpose): sizes are not validated (optin/cli.py declares them as plain `int`,
-    # optin/recipe.py `run` uses them as is), so 0 crashes with a Python traceback and exit code 1
-    # (--batch-size/--calib-size 0: "range() arg 3 must not be zero" in recipe.batches_of;
-    # --eval-size 0: "torch.cat(): expected a non-empty list" in BertAdapter.seq_len) instead of the
-    # one-line exit-code-2 message every other bad input gets.
+    # Regression: sizes of 0 used to crash deep inside the recipe with a traceback and exit code 1.
     res = invoke("run", "--model", workspace["model"], "--data", workspace["data"], "--scorer", "magnitude",
                  "--output", tmp_path / "out", "--quiet", "--calib-size", "8", "--eval-size", "8", flag, "0")
     assert res.exit_code == 2, f"exit {res.exit_code}: {res.exception!r}"

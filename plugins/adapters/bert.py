@@ -208,49 +208,85 @@ class BertAdapter(Adapter):
         return {"heads": heads, "neurons": neurons}
 
     # --- trajectory ------------------------------------------------------------------------------
+    chunk_size = 8  # examples per length-sorted chunk in trace/run_from (0 = no chunking)
+
+    def _chunks(self, batch: Batch) -> list[tuple[torch.Tensor, Batch]]:
+        """Split a right-padded batch into chunks of similar length, each trimmed to its own longest
+        example: sequences do not interact in an encoder, so this changes no value, only skips padding."""
+        inputs = self._inputs(batch)
+        mask = inputs["attention_mask"]
+        lengths = mask.sum(1)
+        n = mask.shape[0]
+        right_padded = bool((mask == (torch.arange(mask.shape[1]) < lengths[:, None])).all())
+        if not self.chunk_size or n <= self.chunk_size or not right_padded:
+            return [(torch.arange(n), inputs)]
+        order = torch.argsort(lengths, stable=True)
+        out = []
+        for s in range(0, n, self.chunk_size):
+            idx = order[s:s + self.chunk_size]
+            t = int(lengths[idx].max())
+            out.append((idx, {k: (v[idx][:, :t] if v.dim() == 2 else v[idx]) for k, v in inputs.items()}))
+        return out
+
     @torch.no_grad()
-    def trace(self, batch: Batch) -> Trace:
-        inputs, attn_out, emb = {}, {}, {}
+    def _trace_one(self, inputs: Batch) -> dict:
+        rec: dict[str, dict[int, torch.Tensor]] = {"inputs": {}, "attention": {}, "emb": {}}
         handles = []
         for i, l in enumerate(self.layers):
             handles.append(l.register_forward_pre_hook(
-                lambda m, a, k, i=i: inputs.__setitem__(i, (a[0] if a else k["hidden_states"]).detach()),
+                lambda m, a, k, i=i: rec["inputs"].__setitem__(i, a[0] if a else k["hidden_states"]),
                 with_kwargs=True))
             handles.append(l.attention.register_forward_hook(
-                lambda m, a, o, i=i: attn_out.__setitem__(i, o[0].detach())))
+                lambda m, a, o, i=i: rec["attention"].__setitem__(i, o[0])))
             handles.append(l.output.dense.register_forward_hook(
-                lambda m, a, o, i=i: emb.__setitem__(i, o.detach())))
+                lambda m, a, o, i=i: rec["emb"].__setitem__(i, o)))
         try:
-            logits = self.logits(batch)
+            rec["logits"] = self.logits(inputs)
         finally:
             for h in handles:
                 h.remove()
-        n = len(self.layers)
-        return Trace(embeddings=[emb[i] for i in range(n)], logits=logits.detach(),
-                     valid=batch["attention_mask"].bool(),
-                     state={"inputs": [inputs[i] for i in range(n)], "attention": [attn_out[i] for i in range(n)]})
+        return rec
 
     @torch.no_grad()
-    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
-                 select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    def trace(self, batch: Batch) -> Trace:
+        mask = batch["attention_mask"]
+        n_layers = len(self.layers)
+        chunks = []
+        emb = [None] * n_layers
+        logits = None
+        for idx, inputs in self._chunks(batch):
+            rec = self._trace_one(inputs)
+            chunks.append({"idx": idx, "inputs": inputs, "starts": rec["inputs"], "attention": rec["attention"]})
+            for z in range(n_layers):
+                e = rec["emb"][z]
+                if emb[z] is None:
+                    emb[z] = e.new_zeros(mask.shape[0], mask.shape[1], e.shape[-1])
+                emb[z][idx, : e.shape[1]] = e
+            if logits is None:
+                logits = rec["logits"].new_zeros(mask.shape[0], *rec["logits"].shape[1:])
+            logits[idx] = rec["logits"]
+        return Trace(embeddings=emb, logits=logits, valid=mask.bool(), state={"chunks": chunks})
+
+    @torch.no_grad()
+    def _run_one(self, chunk: dict, kind: str, layer: int, masks: torch.Tensor
                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         reps = masks.shape[0]
-        inputs = {k: v.repeat(reps, *([1] * (v.dim() - 1))) for k, v in self._inputs(batch).items()}
-        start = trace.state["inputs"][layer].repeat(reps, 1, 1)
+        inputs = {k: v.repeat(reps, *([1] * (v.dim() - 1))) for k, v in chunk["inputs"].items()}
+        start = chunk["starts"][layer].repeat(reps, 1, 1)
         block = self.layers[layer]
         saved_attention = block.attention
         collected: dict[int, torch.Tensor] = {}
         handles = [self.base.embeddings.register_forward_hook(lambda m, a, o: start)]
         for z in range(layer, len(self.layers)):
             handles.append(self.layers[z].output.dense.register_forward_hook(
-                lambda m, a, o, z=z: collected.__setitem__(z, select(o))))
+                lambda m, a, o, z=z: collected.__setitem__(z, o)))
         module, size = self._mask_targets(kind, layer)
         handles.append(module.register_forward_pre_hook(
             lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
         full = self.encoder.layer
         try:
             if kind == "neurons":  # the masked FFN does not change this block's attention: replay it
-                block.attention = _Replay(trace.state["attention"][layer].repeat(reps, 1, 1))
+                block.attention = _Replay(chunk["attention"][layer].repeat(reps, 1, 1))
             self.encoder.layer = nn.ModuleList(self.layers[layer:])
             logits = self.logits(inputs)
         finally:
@@ -259,6 +295,27 @@ class BertAdapter(Adapter):
             for h in handles:
                 h.remove()
         return collected, logits
+
+    @torch.no_grad()
+    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
+                 select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        reps = masks.shape[0]
+        n, t = trace.valid.shape
+        emb: dict[int, torch.Tensor] = {}
+        logits = None
+        for chunk in trace.state["chunks"]:
+            idx = chunk["idx"]
+            got, lg = self._run_one(chunk, kind, layer, masks)
+            for z, e in got.items():
+                if z not in emb:
+                    emb[z] = e.new_zeros(reps, n, t, e.shape[-1])
+                emb[z][:, idx, : e.shape[1]] = e.reshape(reps, len(idx), *e.shape[1:])
+            if logits is None:
+                logits = lg.new_zeros(reps, n, *lg.shape[1:])
+            logits[:, idx] = lg.reshape(reps, len(idx), *lg.shape[1:])
+        return ({z: select(e.reshape(reps * n, t, e.shape[-1])) for z, e in emb.items()},
+                logits.reshape(reps * n, *logits.shape[2:]))
 
     # --- physical removal ------------------------------------------------------------------------
     @torch.no_grad()
