@@ -65,10 +65,15 @@ def main() -> None:
     ap.add_argument("--task", default="trec")
     ap.add_argument("--calib-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--neurons-per-layer", type=int, default=128,
+                    help="shrink each FFN to its first N neurons first, so the naive loop finishes in minutes")
     ap.add_argument("--out", default="benchmarks/results/trajectory_speed.json")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     adapter = load_model(args.model)
+    if args.neurons_per_layer:
+        counts = adapter.unit_counts()
+        adapter.prune({"neurons": [(torch.arange(n) < args.neurons_per_layer).float() for n in counts["neurons"]]})
     task = get_task(args.task)
     batch = batches_of(adapter, sample(task.examples("train"), args.calib_size, args.seed), args.calib_size)[0]
     scorer = create("scorer", "trajectory", {})
@@ -91,7 +96,9 @@ def main() -> None:
               "seconds_naive": t_naive, "seconds_optin": t_fast, "speedup": t_naive / t_fast,
               "max_rel_diff": worst_rel, "max_abs_diff_over_max_score": worst_scaled,
               "lambda": lam, "threads": torch.get_num_threads(),
-              "command": f"python benchmarks/trajectory_speed.py --model {args.model} --calib-size {args.calib_size}"}
+              "neurons_per_layer": args.neurons_per_layer,
+              "command": f"python benchmarks/trajectory_speed.py --model {args.model} --calib-size {args.calib_size} "
+                         f"--neurons-per-layer {args.neurons_per_layer}"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -129,12 +129,15 @@ def list_cmd(as_json: bool) -> None:
 
 
 def _apply_model_defaults(ctx: click.Context, model: str | None, values: dict, options: dict) -> None:
-    """Named models may carry faster defaults (used only for flags the user did not set)."""
+    """Named models may carry faster defaults (used only for flags the user did not set, and plugin
+    options only where the chosen scorer takes them)."""
     named = named_models().get(model or DEFAULT_MODEL)
     for key, value in (getattr(named, "defaults", None) or {}).items():
         if key == "options":
+            accepted = registry.option_names(registry.get("scorer", values["scorer"]))
             for k, v in value.items():
-                options.setdefault(k, v)
+                if k in accepted:
+                    options.setdefault(k, v)
         elif ctx.get_parameter_source(key) == ParameterSource.DEFAULT:
             values[key] = value
 
