@@ -24,7 +24,8 @@ def slice_linear(layer: nn.Linear, out_idx: torch.Tensor | None = None,
     bias = layer.bias
     if bias is not None and out_idx is not None:
         bias = bias[out_idx]
-    new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+    new = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=bias is not None, device=w.device,
+                             dtype=w.dtype)  # weights are copied below: no random init (nor its warnings)
     new.weight.copy_(w)
     if bias is not None:
         new.bias.copy_(bias)

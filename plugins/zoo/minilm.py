@@ -60,9 +60,9 @@ def build(name: str) -> str:
     return str(target)
 
 
-# Trajectory scoring of all 9,288 units one by one takes ~30 min on 2 CPU cores; groups of 32 neurons
-# bring the default run to about 1.5 min with the official calibration size (128) at a cost of ~0.3
-# accuracy points at budget 0.6 (see docs/benchmarks.md). `--set neuron_group=1` scores exactly.
+# Scoring all 9,288 units one by one with the official calibration size (128) takes tens of minutes on
+# 2 CPU cores; groups of 32 neurons bring the default run to about 1.5 minutes (docs/benchmarks.md
+# compares group sizes). `--set neuron_group=1` scores every neuron on its own.
 DEFAULTS = {"options": {"neuron_group": 32}}
 
 
