@@ -1,6 +1,8 @@
 """Physical removal helpers: rebuild layers with only the kept rows/columns."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -24,8 +26,10 @@ def slice_linear(layer: nn.Linear, out_idx: torch.Tensor | None = None,
     bias = layer.bias
     if bias is not None and out_idx is not None:
         bias = bias[out_idx]
-    new = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=bias is not None, device=w.device,
-                             dtype=w.dtype)  # weights are copied below: no random init (nor its warnings)
+    with warnings.catch_warnings():  # a fully pruned layer is zero-sized: its (skipped) init warns
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        new = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=bias is not None, device=w.device,
+                                 dtype=w.dtype)  # weights are copied below: no random init
     new.weight.copy_(w)
     if bias is not None:
         new.bias.copy_(bias)
