@@ -187,11 +187,28 @@ class Searcher(ABC):
 
 
 class Reducer(ABC):
-    """Token reduction between blocks: ``(x, sizes, r, metric) -> (x', sizes')`` with r tokens fewer."""
+    """Token reduction between blocks, on a per-layer schedule, batched (every example keeps the same count).
+
+    ``reduce`` removes exactly ``r`` tokens from ``x`` (B, N, D) and returns ``(x', sizes')`` with N - r
+    tokens; ``sizes`` (B, N) counts how many original patches each token stands for (ToMe's size, used for
+    proportional attention; droppers leave kept sizes unchanged). The first ``protected`` tokens (class,
+    distillation) are never removed and stay first, in order. ``metric`` (B, N, Dm) is a similarity
+    feature (ToMe: keys averaged over heads); ``importance`` (B, N) a per-token importance (higher = keep),
+    supplied at run time by a token scorer such as ``wpr``.
+    """
 
     name: ClassVar[str] = ""
+    needs_importance: ClassVar[bool] = False
 
     @abstractmethod
-    def reduce(self, x: torch.Tensor, sizes: torch.Tensor, r: int,
-               metric: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce(self, x: torch.Tensor, sizes: torch.Tensor, r: int, *, metric: torch.Tensor | None = None,
+               importance: torch.Tensor | None = None, protected: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         ...
+
+
+class TokenScorer(ABC):
+    """A scorer that ranks tokens at run time from a block's attention (e.g. Zero-TPrune's WPR)."""
+
+    @abstractmethod
+    def token_importance(self, attn: torch.Tensor, layer: int, n_layers: int) -> torch.Tensor:
+        """Attention probabilities (B, H, N, N) of block ``layer`` -> importance (B, N), higher = keep."""
