@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import __version__, registry
-from .contracts import Adapter, Batch, ScoreContext
+from .contracts import Adapter, Batch, ScoreContext, TokenScorer
 from .errors import BudgetError, OptinError
 from .export import save_pruned
 from .hooks import notify
@@ -159,6 +159,38 @@ def _max_diff(reference: Adapter, masks: UnitTensors, pruned: Adapter, batch: Ba
     return float((pruned.logits(batch) - expected).abs().max())
 
 
+def reduce_tokens(adapter: Adapter, reducer: str, budget: float, macs_before: float, *, searcher: str = "token-schedule",
+                  options: dict | None = None, token_importance: torch.Tensor | None = None,
+                  token_scorer: Any = None) -> list[int]:
+    """Install a token reducer on a schedule whose MACs fit ``budget * macs_before`` (after any
+    head/neuron pruning already applied); returns the tokens removed per block."""
+    if not adapter.has_tokens:
+        raise OptinError(f"--reducer {reducer}: adapter {adapter.name!r} has no tokens to reduce; token reducers "
+                         "work with the vision adapters (vit)")
+    options = dict(options or {})
+    shared = getattr(token_scorer, "similarity_tokens", None)
+    if shared is not None:  # Zero-TPrune: the token scorer's S-stage setting drives the prune reducer
+        options.setdefault("similarity_tokens", shared)
+    impl = registry.create("reducer", reducer, options)
+    plan = registry.create("searcher", searcher, options)
+    if not hasattr(plan, "removals"):
+        raise OptinError(f"--reducer needs a token searcher (e.g. --searcher token-schedule); {searcher!r} "
+                         "only chooses heads/neurons")
+    if impl.needs_importance and token_scorer is None:
+        raise OptinError(f"reducer {reducer!r} drops tokens by importance: use a token scorer, e.g. --scorer wpr")
+    n_layers = len(next(iter(adapter.unit_counts().values())))
+    removals = plan.removals(adapter.n_tokens, adapter.protected, n_layers,
+                             lambda rem: adapter.cost_model(removals=rem).macs(), budget * macs_before,
+                             token_importance)
+    adapter.install_reducer(impl, removals, token_scorer)
+    return list(adapter.removals)  # as installed (a schedule never removes the last non-protected token)
+
+
+def _token_importance(scores: Scores | None) -> torch.Tensor | None:
+    tokens = (scores.extras.get("tokens") or {}).get("tokens") if scores is not None else None
+    return torch.stack(tokens) if tokens else None
+
+
 def run(model: str | None, *, task: str | Task | None = None, data: str | None = None,
         scorer: str = "trajectory", searcher: str = "ptf", reducer: str | None = None, budget: float = 0.6,
         output: str | Path = "optin-output", scores_file: str | Path | None = None, seed: int = 0,
@@ -173,14 +205,23 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
     options = dict(options or {})
     selected = [("scorer", scorer), ("searcher", searcher)] + ([("reducer", reducer)] if reducer else [])
     registry.check_options(options, selected)  # unknown plugin names and option typos fail before any work
+    token_scorer = None
+    if isinstance(registry.get("scorer", scorer), type) and issubclass(registry.get("scorer", scorer), TokenScorer):
+        token_scorer = registry.create("scorer", scorer, options)  # ranks tokens at run time, no unit scores
+    plan = registry.create("searcher", searcher, options)
+    if reducer and token_scorer is None and scorer == "trajectory" and getattr(plan, "schedule_kind", "") == "trajectory":
+        options.setdefault("tokens", True)  # OPTIN A.9: the schedule needs token trajectories
+        if not getattr(plan, "units", True):
+            options.setdefault("kinds", [])  # tokens only: no head/neuron scores needed
     source = model or "minilm-trec"
     the_task = resolve_task(task, data, source)
     say(f"[bold]model[/bold] {source}   [bold]task[/bold] {the_task.name}   "
-        f"[bold]scorer[/bold] {scorer}   [bold]searcher[/bold] {searcher}   [bold]budget[/bold] {budget}")
+        f"[bold]scorer[/bold] {scorer}   [bold]searcher[/bold] {searcher}   [bold]budget[/bold] {budget}"
+        + (f"   [bold]reducer[/bold] {reducer}" if reducer else ""))
     ad = load_model(source, adapter)
     if reducer is not None and not ad.has_tokens:
         raise OptinError(f"--reducer {reducer}: adapter {ad.name!r} has no tokens to reduce; token reducers "
-                         "work with the vision adapters (deit/vit/swin)")
+                         "work with the vision adapters (vit)")
     n_labels = getattr(getattr(ad.model, "config", None), "num_labels", None)
     if n_labels is not None and n_labels != the_task.num_labels and not score_only:
         raise OptinError(f"model {source!r} predicts {n_labels} classes but task {the_task.name!r} has "
@@ -192,12 +233,13 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
     calib = batches_of(ad, sample(the_task.examples("train"), calib_size, seed), calib_size)
     scorer_name = scorer
     t0 = time.perf_counter()
+    scores: Scores | None = None
+    seconds_scoring = 0.0
     if scores_file is not None:
         scores = Scores.load(scores_file)
         scores.check_matches(ad.name, fingerprint(ad.model), ad.unit_counts(), f"scores file {scores_file}")
         scorer_name = scores.scorer
-        seconds_scoring = 0.0
-    else:
+    elif token_scorer is None:
         scores = score(ad, calib, scorer, options, seed, out / "scores.partial.safetensors")
         seconds_scoring = time.perf_counter() - t0
         scores.save(out / "scores.safetensors")
@@ -207,9 +249,19 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
     evals = batches_of(ad, sample(the_task.examples("test"), eval_size, seed), batch_size)
     original = copy.deepcopy(ad)
     seq_len = ad.seq_len(evals)
-    masks, costs = search(ad, scores, budget, seq_len, searcher, options)
+    if scores is not None and any(t.numel() for v in scores.values.values() for t in v):
+        masks, costs = search(ad, scores, budget, seq_len, searcher, options)
+    else:  # token-only runs keep every head and neuron
+        costs = ad.cost_model(seq_len)
+        masks = {k: [torch.ones(n) for n in ns] for k, ns in ad.unit_counts().items()}
     ad.prune(masks)
     diff = _max_diff(original, masks, ad, evals[0])
+    removals = None
+    macs_after = costs.macs_of_masks(masks)
+    if reducer is not None:
+        removals = reduce_tokens(ad, reducer, budget, costs.macs(), searcher=searcher, options=options,
+                                 token_importance=_token_importance(scores), token_scorer=token_scorer)
+        macs_after = ad.cost_model(seq_len, removals=removals).macs()
     with bar("evaluating", total=2 * len(evals)) as (advance, _):
         metric_before = accuracy(original, evals, advance)
         metric_after = accuracy(ad, evals, advance)
@@ -221,14 +273,14 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
         "searcher": searcher, "reducer": reducer, "budget": budget, "seed": seed,
         "calibration_examples": sum(ad.batch_size(b) for b in calib), "eval_examples": sum(ad.batch_size(b) for b in evals),
         "seq_len": seq_len, "metric": the_task.metric, "metric_before": metric_before, "metric_after": metric_after,
-        "macs_before": costs.macs(), "macs_after": costs.macs_of_masks(masks),
-        "macs_ratio": costs.macs_of_masks(masks) / costs.macs(),
+        "macs_before": costs.macs(), "macs_after": macs_after, "macs_ratio": macs_after / costs.macs(),
         "params_before": params(original.model), "params_after": params(ad.model),
         "throughput_before": speed["before"], "throughput_after": speed["after"],
         "speedup": speed["after"] / speed["before"], "throughput_batch": ad.batch_size(bench),
         "seconds_scoring": seconds_scoring, "seconds_total": time.perf_counter() - t_start,
         "max_abs_diff_vs_masked": diff, "kept": kept_counts(masks), "total": counts_of(masks),
-        "options": options, "optin_version": __version__, "date": _dt.date.today().isoformat(),
+        "token_removals": removals, "options": options, "optin_version": __version__,
+        "date": _dt.date.today().isoformat(),
     }
     save_pruned(ad, out / "model", {k: report[k] for k in ("model", "task", "scorer", "searcher", "budget")})
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -49,7 +49,7 @@ class TrajectoryScorer(Scorer):
 
     def __init__(self, temperature: float = 4.0, lambda_kd: float | str = "auto", lambda_contribution: float = 10.0,
                  rows: int = 768, neuron_group: int = 1, tokens_per_forward: int = 32768,
-                 kd_divide_by_t: bool = True, kinds: list[str] | None = None) -> None:
+                 kd_divide_by_t: bool = True, kinds: list[str] | None = None, tokens: bool = False) -> None:
         if int(neuron_group) < 1:
             raise OptinError(f"neuron_group must be >= 1, got {neuron_group}")
         self.temperature = float(temperature)
@@ -60,20 +60,26 @@ class TrajectoryScorer(Scorer):
         self.tokens_per_forward = int(tokens_per_forward)
         self.kd_divide_by_t = bool(kd_divide_by_t)
         self.kinds = kinds
+        self.tokens = bool(tokens)
         self.extras: dict[str, UnitTensors] = {}
 
     def describe(self) -> dict:
         return {"temperature": self.temperature, "lambda_kd": self.lambda_kd,
                 "lambda_contribution": self.contribution, "rows": self.rows, "neuron_group": self.neuron_group,
-                "kd_divide_by_t": self.kd_divide_by_t, "kinds": self.kinds}
+                "kd_divide_by_t": self.kd_divide_by_t, "kinds": self.kinds, "tokens": self.tokens}
 
     def _group_size(self, kind: str) -> int:
-        return 1 if kind == "heads" else self.neuron_group
+        return 1 if kind in ("heads", "tokens") else self.neuron_group
 
     def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
-        counts = adapter.unit_counts()
-        kinds = self.kinds or list(counts)
+        counts = dict(adapter.unit_counts())
+        kinds = list(counts) if self.kinds is None else list(self.kinds)
         n_layers = len(next(iter(counts.values())))
+        if self.tokens:  # OPTIN A.9: token positions as units, removed from their block on
+            if not hasattr(adapter, "token_units"):
+                raise OptinError(f"adapter {adapter.name!r} has no tokens to score (tokens=true)")
+            counts["tokens"] = [adapter.token_units()] * n_layers
+            kinds.append("tokens")
         traces = [adapter.trace(b) for b in batches]
         samples = []  # per batch: token rows and reference relation maps per block
         for b, tr in enumerate(traces):
@@ -101,6 +107,8 @@ class TrajectoryScorer(Scorer):
                 kd[kind].append(self._expand(got_kd, groups, n))
         values, self.lambda_used = combine(md, kd, self.lambda_kd, self.contribution)
         self.extras = {"md": md, "kd": kd}
+        if "tokens" in values:
+            self.extras["tokens"] = {"tokens": values.pop("tokens")}
         return values
 
     @staticmethod

@@ -1,0 +1,426 @@
+"""Adapter for timm VisionTransformer models (DeiT, ViT: class and distillation tokens).
+
+Units: attention heads and MLP hidden neurons per block, as for BERT. Heads are masked by scaling their
+slice of the attention output entering ``attn.proj`` (valid for timm's fused and unfused attention, which
+only differ before that point), neurons by scaling the activations entering ``mlp.fc2``. Physical
+removal slices ``qkv``/``proj`` and ``fc1``/``fc2``. Token reduction wraps each block so that a reducer
+runs between attention and MLP on a per-layer schedule (ToMe's placement), with size tracking and
+proportional attention.
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from optin.contracts import Adapter, Batch, Reducer, TokenScorer, Trace
+from optin.errors import OptinError
+from optin.masking import apply_unit_mask
+from optin.surgery import head_rows, slice_linear
+from optin.units import CostModel, UnitTensors
+
+
+def _is_vit(model: nn.Module) -> bool:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0 or not hasattr(model, "patch_embed"):
+        return False
+    b = blocks[0]
+    b = getattr(b, "block", b)
+    attn, mlp = getattr(b, "attn", None), getattr(b, "mlp", None)
+    return all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "head_dim")) and \
+        hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and hasattr(model, "forward_head") and \
+        isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)
+
+
+class _NoHeads(nn.Module):
+    """An attention whose heads were all removed: outputs the projection bias (what masking gives)."""
+
+    def __init__(self, proj: nn.Linear, head_dim: int) -> None:
+        super().__init__()
+        self.proj = proj  # Linear(0, D): its output is its bias
+        self.num_heads = 0
+        self.head_dim = head_dim
+        self.attn_dim = 0
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.proj(x.new_zeros(*x.shape[:-1], 0))
+
+
+def attention_forward(attn: nn.Module, x: torch.Tensor, sizes: torch.Tensor | None, need_probs: bool,
+                      key_mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """timm attention with ToMe's proportional attention (log token sizes added to the logits).
+
+    Returns (output (B,N,D), metric = keys averaged over heads (B,N,d), attention probs or None).
+    ``key_mask`` (B, N) bool, False = this token may not be attended to (token removal by masking).
+    """
+    B, N, _ = x.shape
+    if attn.num_heads == 0:
+        return attn(x), x, None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = None
+    if sizes is not None:
+        bias = sizes.log()[:, None, None, :].to(q.dtype)
+    if key_mask is not None:
+        km = torch.zeros(B, 1, 1, N, dtype=q.dtype).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        bias = km if bias is None else bias + km
+    probs = None
+    if need_probs:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(-1)
+        out = probs @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(attn.norm(out))), k.mean(1), probs
+
+
+class _ReducingBlock(nn.Module):
+    """A timm Block that removes ``r`` tokens with a reducer between its attention and its MLP."""
+
+    def __init__(self, block: nn.Module, layer: int, n_layers: int, r: int, reducer: Reducer,
+                 token_scorer: TokenScorer | None, state: dict, protected: int, proportional: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.layer, self.n_layers, self.r = layer, n_layers, r
+        self.reducer, self.token_scorer = reducer, token_scorer
+        self.state, self.protected, self.proportional = state, protected, proportional
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        blk = self.block
+        sizes = self.state.get("sizes")
+        if sizes is None or sizes.shape[:2] != x.shape[:2] or self.layer == 0:
+            sizes = x.new_ones(x.shape[0], x.shape[1])
+        need_probs = self.r > 0 and self.reducer.needs_importance
+        out, metric, probs = attention_forward(blk.attn, blk.norm1(x), sizes if self.proportional else None,
+                                               need_probs)
+        x = x + blk.drop_path1(blk.ls1(out))
+        if self.r > 0:
+            importance = None
+            if self.reducer.needs_importance:
+                if self.token_scorer is None or probs is None:
+                    raise OptinError(f"reducer {self.reducer.name!r} needs a token scorer (e.g. --scorer wpr)")
+                importance = self.token_scorer.token_importance(probs, self.layer, self.n_layers)
+            left = self.r
+            while left > 0:  # one bipartite merge removes at most about half the tokens: repeat
+                n_before = x.shape[1]
+                x, sizes = self.reducer.reduce(x, sizes, left, metric=metric, importance=importance,
+                                               protected=self.protected)
+                removed = n_before - x.shape[1]
+                if removed <= 0:
+                    raise OptinError(f"reducer {self.reducer.name!r} could not remove {left} more tokens at block "
+                                     f"{self.layer} ({n_before} left)")
+                left -= removed
+                if left > 0:  # the similarity metric / importance must follow the remaining tokens
+                    metric = None
+                    if importance is not None:
+                        _, _, probs = attention_forward(blk.attn, blk.norm1(x), None, True)
+                        importance = self.token_scorer.token_importance(probs, self.layer, self.n_layers)
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        self.state["sizes"] = sizes
+        return x
+
+
+class VitAdapter(Adapter):
+    """timm VisionTransformer (DeiT/ViT): attention heads, MLP neurons and tokens."""
+
+    name = "vit"
+    unit_kinds = ("heads", "neurons")
+    has_tokens = True
+
+    def __init__(self, model: nn.Module, processor: Any = None) -> None:
+        super().__init__(model, processor)
+        if not _is_vit(model):
+            raise OptinError(f"{type(model).__name__} is not a timm VisionTransformer with standard blocks")
+        self.blocks = [getattr(b, "block", b) for b in model.blocks]
+        self.protected = int(getattr(model, "num_prefix_tokens", 1))
+        grid = model.patch_embed.grid_size
+        self.n_tokens = int(grid[0] * grid[1]) + self.protected
+        self.dim = int(model.embed_dim)
+        self.head_dim = int(self.blocks[0].attn.head_dim)
+        self.removals = [0] * len(self.blocks)
+        self.kept_index = {k: [list(range(n)) for n in ns] for k, ns in self.unit_counts().items()}
+
+    # --- discovery -------------------------------------------------------------------------------
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return _is_vit(model)
+
+    @classmethod
+    def claims(cls, source: str) -> bool:
+        if source.startswith("timm:"):
+            return True
+        cfg = Path(source) / "config.json"
+        if not cfg.is_file():
+            return False
+        try:
+            data = json.loads(cfg.read_text())
+        except ValueError:
+            return False
+        return "timm_class" in data or "architecture" in data and "model_type" not in data
+
+    @classmethod
+    def load(cls, source: str, num_labels: int | None = None) -> "VitAdapter":
+        import timm
+
+        if source.startswith("timm:"):
+            name = source[5:]
+            try:
+                model = timm.create_model(name, pretrained=True, **({"num_classes": num_labels} if num_labels else {}))
+            except Exception as exc:
+                raise OptinError(f"cannot load timm model {name!r} with pretrained weights ({exc}); offline, "
+                                 "use a local folder with config.json + model.safetensors") from exc
+            cfg = model.pretrained_cfg or {}
+            return cls(model.eval(), {"mean": cfg.get("mean"), "std": cfg.get("std")})
+        from optin_plugins.zoo.vit_fmnist import load_timm_folder  # the folder format the zoo writes
+
+        model = load_timm_folder(source)
+        return cls(model.eval(), json.loads((Path(source) / "config.json").read_text()))
+
+    # --- data ------------------------------------------------------------------------------------
+    def collate(self, examples: list[dict]) -> Batch:
+        batch = {"pixel_values": torch.stack([e["image"] for e in examples])}
+        if "label" in examples[0]:
+            batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
+        return batch
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.model(batch["pixel_values"])
+
+    def seq_len(self, batches: list[Batch]) -> float:
+        return float(self.n_tokens)
+
+    # --- units -----------------------------------------------------------------------------------
+    def unit_counts(self) -> dict[str, list[int]]:
+        return {"heads": [int(b.attn.num_heads) for b in self.blocks],
+                "neurons": [int(b.mlp.fc1.out_features) for b in self.blocks]}
+
+    def _mask_targets(self, kind: str, layer: int) -> tuple[nn.Module, int]:
+        b = self.blocks[layer]
+        if kind == "heads":
+            return b.attn.proj, self.head_dim
+        if kind == "neurons":
+            return b.mlp.fc2, 1
+        raise OptinError(f"adapter vit has no unit kind {kind!r} (kinds: heads, neurons)")
+
+    @contextmanager
+    def masked(self, masks: UnitTensors) -> Iterator[None]:
+        handles = []
+        try:
+            for kind, per_layer in masks.items():
+                for layer, mask in enumerate(per_layer):
+                    if mask is None:
+                        continue
+                    module, size = self._mask_targets(kind, layer)
+                    handles.append(module.register_forward_pre_hook(
+                        lambda mod, args, m=mask, s=size: (apply_unit_mask(args[0], m, s), *args[1:])))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def token_counts(self, removals: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """Tokens entering each block's attention and MLP under a schedule of removals per block."""
+        removals = self.removals if removals is None else removals
+        attn, mlp, n = [], [], self.n_tokens
+        for r in removals:
+            attn.append(n)
+            n = max(self.protected + 1, n - int(r))
+            mlp.append(n)
+        return attn, mlp
+
+    def cost_model(self, seq_len: float | None = None, removals: list[int] | None = None) -> CostModel:
+        D, d = float(self.dim), float(self.head_dim)
+        attn, mlp = self.token_counts(removals)
+        pe = self.model.patch_embed.proj
+        patches = self.n_tokens - self.protected
+        fixed = patches * pe.out_channels * pe.in_channels * math.prod(pe.kernel_size)
+        head = getattr(self.model, "head", None)
+        if isinstance(head, nn.Linear):
+            fixed += head.in_features * head.out_features
+        dist = getattr(self.model, "head_dist", None)
+        if isinstance(dist, nn.Linear):
+            fixed += dist.in_features * dist.out_features
+        return CostModel(per_unit={"heads": [4 * n * D * d + 2 * n * n * d for n in attn],
+                                   "neurons": [2 * n * D for n in mlp]},
+                         counts=self.unit_counts(), fixed=float(fixed), notes={"tokens": float(self.n_tokens)})
+
+    def unit_weights(self) -> dict[str, list[torch.Tensor]]:
+        heads, neurons = [], []
+        d, D = self.head_dim, self.dim
+        for b in self.blocks:
+            n = int(b.attn.num_heads)
+            if n:
+                qkv = b.attn.qkv.weight.reshape(3, n, d, D).permute(1, 0, 2, 3).reshape(n, -1)
+                proj = b.attn.proj.weight.reshape(D, n, d).permute(1, 0, 2).reshape(n, -1)
+                heads.append(torch.cat([qkv, proj], 1).detach())
+            else:
+                heads.append(torch.zeros(0, 4 * d * D))
+            neurons.append(torch.cat([b.mlp.fc1.weight, b.mlp.fc2.weight.t()], 1).detach())
+        return {"heads": heads, "neurons": neurons}
+
+    # --- trajectory ------------------------------------------------------------------------------
+    def _tail(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        for blk in self.model.blocks[start:]:
+            x = blk(x)
+        return self.model.forward_head(self.model.norm(x))
+
+    @torch.no_grad()
+    def trace(self, batch: Batch) -> Trace:
+        self._require_plain("trajectory scoring")
+        starts, mids, emb = {}, {}, {}
+        handles = []
+        for i, b in enumerate(self.blocks):
+            handles.append(b.register_forward_pre_hook(lambda m, a, i=i: starts.__setitem__(i, a[0])))
+            handles.append(b.norm2.register_forward_pre_hook(lambda m, a, i=i: mids.__setitem__(i, a[0])))
+            handles.append(b.mlp.fc2.register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, o)))
+        try:
+            logits = self.logits(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        n = len(self.blocks)
+        return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
+                     state={"starts": [starts[i] for i in range(n)], "mids": [mids[i] for i in range(n)]})
+
+    def token_units(self) -> int:
+        """Token positions that can be scored/removed (all but the class/distillation tokens)."""
+        return self.n_tokens - self.protected
+
+    def _run_tokens_removed(self, trace: Trace, layer: int, masks: torch.Tensor,
+                            select: Callable[[torch.Tensor], torch.Tensor]
+                            ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Remove token positions (mask 0) from block ``layer`` on, emulated exactly by letting no token
+        attend to them; their own (meaningless) embeddings are replaced by the reference so that only
+        the surviving tokens count in the trajectory."""
+        reps, b = masks.shape[0], trace.logits.shape[0]
+        keep = torch.cat([torch.ones(reps, self.protected), masks], 1).bool()  # (R, N)
+        key_mask = keep.repeat_interleave(b, 0)  # (R*B, N)
+        removed = ~key_mask
+        collected: dict[int, torch.Tensor] = {}
+        x = trace.state["starts"][layer].repeat(reps, 1, 1)
+        for z in range(layer, len(self.blocks)):
+            blk = self.blocks[z]
+            out, _, _ = attention_forward(blk.attn, blk.norm1(x), None, False, key_mask)
+            x = x + blk.drop_path1(blk.ls1(out))
+            f = blk.mlp.fc2(blk.mlp.norm(blk.mlp.drop1(blk.mlp.act(blk.mlp.fc1(blk.norm2(x))))))
+            ref = trace.embeddings[z].repeat(reps, 1, 1)
+            collected[z] = select(torch.where(removed[..., None], ref, f))
+            x = x + blk.drop_path2(blk.ls2(blk.mlp.drop2(f)))
+        return collected, self.model.forward_head(self.model.norm(x))
+
+    @torch.no_grad()
+    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
+                 select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        if kind == "tokens":
+            return self._run_tokens_removed(trace, layer, masks, select)
+        reps = masks.shape[0]
+        collected: dict[int, torch.Tensor] = {}
+        handles = [self.blocks[z].mlp.fc2.register_forward_hook(
+            lambda m, a, o, z=z: collected.__setitem__(z, select(o))) for z in range(layer, len(self.blocks))]
+        module, size = self._mask_targets(kind, layer)
+        handles.append(module.register_forward_pre_hook(
+            lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
+        try:
+            if kind == "neurons":  # restart inside the block: the MLP half only
+                blk = self.blocks[layer]
+                x = trace.state["mids"][layer].repeat(reps, 1, 1)
+                x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+                logits = self._tail(x, layer + 1)
+            else:
+                logits = self._tail(trace.state["starts"][layer].repeat(reps, 1, 1), layer)
+        finally:
+            for h in handles:
+                h.remove()
+        return collected, logits
+
+    # --- physical removal ------------------------------------------------------------------------
+    def _require_plain(self, what: str) -> None:
+        if any(isinstance(b, _ReducingBlock) for b in self.model.blocks):
+            raise OptinError(f"{what} needs the model without token reduction installed")
+
+    @torch.no_grad()
+    def prune(self, masks: UnitTensors) -> None:
+        d, D = self.head_dim, self.dim
+        for i, b in enumerate(self.blocks):
+            if "heads" in masks:
+                keep = torch.nonzero(masks["heads"][i] > 0).flatten().tolist()
+                rows = head_rows(keep, d)
+                attn = b.attn
+                proj = slice_linear(attn.proj, in_idx=rows)
+                if keep:
+                    qkv_rows = torch.cat([rows + j * attn.num_heads * d for j in range(3)])
+                    attn.qkv = slice_linear(attn.qkv, out_idx=qkv_rows)
+                    if getattr(attn, "gate", None) is not None:
+                        attn.gate = slice_linear(attn.gate, out_idx=rows)
+                    attn.proj = proj
+                    attn.num_heads = len(keep)
+                    attn.attn_dim = len(keep) * d
+                else:
+                    b.attn = _NoHeads(proj, d)
+                self.kept_index["heads"][i] = [self.kept_index["heads"][i][k] for k in keep]
+            if "neurons" in masks:
+                keep_t = torch.nonzero(masks["neurons"][i] > 0).flatten()
+                b.mlp.fc1 = slice_linear(b.mlp.fc1, out_idx=keep_t)
+                b.mlp.fc2 = slice_linear(b.mlp.fc2, in_idx=keep_t)
+                if not isinstance(b.mlp.norm, nn.Identity):
+                    raise OptinError("MLPs with a hidden-layer norm (scale_mlp_norm) cannot be pruned")
+                self.kept_index["neurons"][i] = [self.kept_index["neurons"][i][k] for k in keep_t.tolist()]
+
+    # --- tokens ----------------------------------------------------------------------------------
+    def install_reducer(self, reducer: Reducer, removals: list[int], token_scorer: TokenScorer | None = None,
+                        proportional: bool = True) -> None:
+        """Run ``reducer`` in every block with ``removals[l] > 0`` tokens removed there (0 everywhere =
+        exactly the original model)."""
+        if len(removals) != len(self.blocks):
+            raise OptinError(f"a token schedule needs one entry per block ({len(self.blocks)}), got {len(removals)}")
+        attn, mlp = self.token_counts(removals)
+        removals = [a - m for a, m in zip(attn, mlp)]  # at least one non-protected token always stays
+        state: dict = {}
+        n = len(self.blocks)
+        self.model.blocks = nn.Sequential(*[
+            _ReducingBlock(b, i, n, int(r), reducer, token_scorer, state, self.protected, proportional)
+            for i, (b, r) in enumerate(zip(self.blocks, removals))])
+        self.removals = [int(r) for r in removals]
+
+    def remove_reducer(self) -> None:
+        self.model.blocks = nn.Sequential(*self.blocks)
+        self.removals = [0] * len(self.blocks)
+
+    # --- persistence -----------------------------------------------------------------------------
+    def plan(self) -> dict:
+        cfg = self.processor if isinstance(self.processor, dict) else {}
+        return {"timm_config": cfg, "unit_counts": self.unit_counts(), "kept_index": self.kept_index,
+                "removals": self.removals}
+
+    @classmethod
+    def rebuild(cls, plan: dict, directory: str) -> "VitAdapter":
+        from optin_plugins.zoo.vit_fmnist import build_timm
+
+        cfg = plan.get("timm_config") or {}
+        if "model_args" not in cfg:
+            raise OptinError("this pruned ViT was exported without its timm config; it cannot be rebuilt")
+        adapter = cls(build_timm(cfg).eval(), cfg)
+        counts = plan["unit_counts"]
+        adapter.prune({k: [(torch.arange(full) < keep).float() for full, keep in
+                           zip(adapter.unit_counts()[k], counts[k])] for k in counts})
+        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
+        return adapter
+
+    def save_extras(self, directory: str) -> None:
+        if isinstance(self.processor, dict):
+            (Path(directory) / "config.json").write_text(json.dumps(self.processor, indent=2))
