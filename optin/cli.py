@@ -249,6 +249,53 @@ def finetune(model: str, task: str | None, data: str | None, output: str, epochs
     out.print(f"fine-tuned {model} on {the_task.name}: test accuracy {acc:.4f}; saved to {output}")
 
 
+@cli.command()
+@click.option("--model", default=None, help=f"The original model [default: {DEFAULT_MODEL}].")
+@click.option("--compare", "others", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="A pruned/token-reduced model folder (OUTPUT/model of `optin run`); repeatable.")
+@click.option("--task", default=None)
+@click.option("--data", default=None, type=click.Path(dir_okay=False))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads [default: torch's]")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def bench(model: str | None, others: tuple[str, ...], task: str | None, data: str | None, batch_size: int,
+          repeats: int, warmup: int, threads: int | None, as_json: bool) -> None:
+    """Throughput of the original vs pruned / token-reduced models, one process, interleaved, median."""
+    import torch
+
+    from .measure import throughput
+    from .models import load_model
+    from .recipe import batches_of, resolve_task
+    from .tasks import sample
+
+    if threads:
+        torch.set_num_threads(threads)
+    source = model or DEFAULT_MODEL
+    the_task = resolve_task(task, data, source)
+    models = {source: load_model(source)}
+    for path in others:
+        models[path] = load_model(path)
+    first = next(iter(models.values()))
+    batch = batches_of(first, sample(the_task.examples("test"), batch_size, 0), batch_size)[0]
+    runs = {name: (lambda ad=ad: ad.logits(batch)) for name, ad in models.items()}
+    speed = throughput(runs, examples=first.batch_size(batch), warmup=warmup, repeats=repeats)
+    base = speed[source]
+    rows = [{"model": name, "examples_per_s": v, "ratio": v / base} for name, v in speed.items()]
+    if as_json:
+        click.echo(json.dumps({"batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads(),
+                               "results": rows}, indent=2))
+        return
+    table = Table(title=f"throughput, batch {batch_size}, median of {repeats} (interleaved), "
+                        f"{torch.get_num_threads()} threads")
+    for col in ("model", "examples/s", "vs original"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["model"], f"{r['examples_per_s']:.1f}", f"{r['ratio']:.2f}x")
+    out.print(table)
+
+
 def main() -> None:
     plugin_manager().hook.optin_cli(cli=cli)
     cli(prog_name="optin")

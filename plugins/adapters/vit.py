@@ -134,6 +134,15 @@ class _ReducingBlock(nn.Module):
         return x
 
 
+def _options_of(plugin: Any) -> dict:
+    """The plugin options an instance was built with (constructor arguments kept as attributes)."""
+    if plugin is None:
+        return {}
+    from optin.registry import option_names
+
+    return {k: getattr(plugin, k) for k in option_names(type(plugin)) if hasattr(plugin, k)}
+
+
 class VitAdapter(Adapter):
     """timm VisionTransformer (DeiT/ViT): attention heads, MLP neurons and tokens."""
 
@@ -152,6 +161,7 @@ class VitAdapter(Adapter):
         self.dim = int(model.embed_dim)
         self.head_dim = int(self.blocks[0].attn.head_dim)
         self.removals = [0] * len(self.blocks)
+        self.reducer_spec: dict | None = None
         self.kept_index = {k: [list(range(n)) for n in ns] for k, ns in self.unit_counts().items()}
 
     # --- discovery -------------------------------------------------------------------------------
@@ -396,16 +406,20 @@ class VitAdapter(Adapter):
             _ReducingBlock(b, i, n, int(r), reducer, token_scorer, state, self.protected, proportional)
             for i, (b, r) in enumerate(zip(self.blocks, removals))])
         self.removals = [int(r) for r in removals]
+        self.reducer_spec = {"reducer": reducer.name, "options": _options_of(reducer),
+                             "token_scorer": getattr(token_scorer, "name", None),
+                             "token_scorer_options": _options_of(token_scorer), "proportional": proportional}
 
     def remove_reducer(self) -> None:
         self.model.blocks = nn.Sequential(*self.blocks)
         self.removals = [0] * len(self.blocks)
+        self.reducer_spec = None
 
     # --- persistence -----------------------------------------------------------------------------
     def plan(self) -> dict:
         cfg = self.processor if isinstance(self.processor, dict) else {}
         return {"timm_config": cfg, "unit_counts": self.unit_counts(), "kept_index": self.kept_index,
-                "removals": self.removals}
+                "removals": self.removals, "reducer": self.reducer_spec}
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "VitAdapter":
@@ -419,6 +433,14 @@ class VitAdapter(Adapter):
         adapter.prune({k: [(torch.arange(full) < keep).float() for full, keep in
                            zip(adapter.unit_counts()[k], counts[k])] for k in counts})
         adapter.kept_index = plan.get("kept_index", adapter.kept_index)
+        spec = plan.get("reducer")
+        if spec:  # the token schedule is part of the architecture: reinstall it
+            from optin import registry
+
+            ts = registry.create("scorer", spec["token_scorer"], spec.get("token_scorer_options") or {}) \
+                if spec.get("token_scorer") else None
+            adapter.install_reducer(registry.create("reducer", spec["reducer"], spec.get("options") or {}),
+                                    plan["removals"], ts, spec.get("proportional", True))
         return adapter
 
     def save_extras(self, directory: str) -> None:
