@@ -10,6 +10,7 @@ must agree; the script prints the max relative difference and the speed ratio.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -59,6 +60,30 @@ def naive_trajectory(adapter, batch, rows_k: int, temperature: float, seed: int)
     return md, kd
 
 
+def compare(adapter, batch, seed: int) -> dict:
+    """Score every unit both ways; return times and the largest differences."""
+    scorer = create("scorer", "trajectory", {})
+    t0 = time.perf_counter()
+    fast = scorer.score(adapter, [batch], ScoreContext(seed=seed))
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    md, kd = naive_trajectory(adapter, batch, scorer.rows, scorer.temperature, seed)
+    t_naive = time.perf_counter() - t0
+    slow, lam = combine(md, kd, "auto", scorer.contribution)
+    a = torch.cat([torch.cat(fast[k]) for k in fast]).double()
+    b = torch.cat([torch.cat(slow[k]) for k in fast]).double()
+    nonzero = b.abs() > 1e-12 * b.abs().max()
+    return {"units": int(a.numel()), "seconds_naive": t_naive, "seconds_optin": t_fast, "speedup": t_naive / t_fast,
+            "max_rel_diff": float(((a - b).abs() / b.abs())[nonzero].max()),
+            "max_abs_diff_over_max_score": float((a - b).abs().max() / b.abs().max()), "lambda": lam}
+
+
+def shrink(adapter, neurons: int):
+    counts = adapter.unit_counts()
+    adapter.prune({"neurons": [(torch.arange(n) < neurons).float() for n in counts["neurons"]]})
+    return adapter
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm-trec")
@@ -67,38 +92,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--neurons-per-layer", type=int, default=128,
                     help="shrink each FFN to its first N neurons first, so the naive loop finishes in minutes")
+    ap.add_argument("--exact-neurons", type=int, default=16,
+                    help="neurons per layer for the float64 exactness check")
     ap.add_argument("--out", default="benchmarks/results/trajectory_speed.json")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    adapter = load_model(args.model)
-    if args.neurons_per_layer:
-        counts = adapter.unit_counts()
-        adapter.prune({"neurons": [(torch.arange(n) < args.neurons_per_layer).float() for n in counts["neurons"]]})
     task = get_task(args.task)
+    adapter = load_model(args.model)
     batch = batches_of(adapter, sample(task.examples("train"), args.calib_size, args.seed), args.calib_size)[0]
-    scorer = create("scorer", "trajectory", {})
-    t0 = time.perf_counter()
-    fast = scorer.score(adapter, [batch], ScoreContext(seed=args.seed))
-    t_fast = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    md, kd = naive_trajectory(adapter, batch, scorer.rows, scorer.temperature, args.seed)
-    t_naive = time.perf_counter() - t0
-    slow, lam = combine(md, kd, "auto", scorer.contribution)
-    worst_rel = 0.0
-    worst_scaled = 0.0
-    for kind in fast:
-        a = torch.cat(fast[kind]).double()
-        b = torch.cat(slow[kind]).double()
-        worst_rel = max(worst_rel, float(((a - b).abs() / b.abs().clamp_min(1e-12)).max()))
-        worst_scaled = max(worst_scaled, float((a - b).abs().max() / b.abs().max()))
-    units = sum(t.numel() for v in fast.values() for t in v)
-    result = {"model": args.model, "calibration_examples": args.calib_size, "units": units,
-              "seconds_naive": t_naive, "seconds_optin": t_fast, "speedup": t_naive / t_fast,
-              "max_rel_diff": worst_rel, "max_abs_diff_over_max_score": worst_scaled,
-              "lambda": lam, "threads": torch.get_num_threads(),
-              "neurons_per_layer": args.neurons_per_layer,
+    exact = copy.deepcopy(adapter)
+    speed = compare(shrink(adapter, args.neurons_per_layer), batch, args.seed)  # float32, as used
+    exact.model.double()
+    check = compare(shrink(exact, args.exact_neurons), batch, args.seed)  # float64: the algorithm itself
+    result = {"model": args.model, "calibration_examples": args.calib_size, "threads": torch.get_num_threads(),
+              "float32_speed": {"neurons_per_layer": args.neurons_per_layer, **speed},
+              "float64_exactness": {"neurons_per_layer": args.exact_neurons, **check},
               "command": f"python benchmarks/trajectory_speed.py --model {args.model} --calib-size {args.calib_size} "
-                         f"--neurons-per-layer {args.neurons_per_layer}"}
+                         f"--neurons-per-layer {args.neurons_per_layer} --exact-neurons {args.exact_neurons}"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

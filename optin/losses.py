@@ -14,6 +14,11 @@ def sample_rows(valid: torch.Tensor | None, n_rows: int, k: int, seed: int) -> t
     return rows[torch.randperm(rows.numel(), generator=g)[:k]].sort().values
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half precision is upcast; float64 stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def select_rows(features: torch.Tensor, replicas: int, rows: torch.Tensor) -> torch.Tensor:
     """(R*B, T, D) stacked replicas -> (R, K, D): the sampled token rows of each replica."""
     return features.reshape(replicas, -1, features.shape[-1])[:, rows]
@@ -21,7 +26,7 @@ def select_rows(features: torch.Tensor, replicas: int, rows: torch.Tensor) -> to
 
 def relation_map(features: torch.Tensor) -> torch.Tensor:
     """Manifold relation map ``f f^T`` of L2-normalised token features: (R, K, D) -> (R, K, K)."""
-    f = F.normalize(features.float(), dim=-1)
+    f = F.normalize(_f32(features), dim=-1)
     return f @ f.transpose(1, 2)
 
 
@@ -38,7 +43,7 @@ def kd_divergence(masked_logits: torch.Tensor, logits: torch.Tensor, temperature
     by T (the official OPTIN code's variant) but the result is still multiplied by T^2.
     """
     t = temperature if divide_by_t else 1.0
-    p_log = F.log_softmax(logits.float() / t, dim=-1).unsqueeze(0)
-    q_log = F.log_softmax(masked_logits.float() / t, dim=-1)
+    p_log = F.log_softmax(_f32(logits) / t, dim=-1).unsqueeze(0)
+    q_log = F.log_softmax(_f32(masked_logits) / t, dim=-1)
     kl = (p_log.exp() * (p_log - q_log)).sum(dim=-1)  # (R, B)
     return kl.sum(dim=-1) * temperature**2

@@ -108,11 +108,13 @@ def search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_le
     budget = check_budget(budget)
     values = scores.values if isinstance(scores, Scores) else scores
     costs = adapter.cost_model(seq_len)
-    masks = registry.create("searcher", searcher, options).search(values, costs, budget)
+    impl = registry.create("searcher", searcher, options)
+    masks = impl.search(values, costs, budget)
+    limit = getattr(impl, "unit_budget_for", lambda b: b)(budget)  # token searchers leave a part to tokens
     got = costs.macs_of_masks(masks)
-    if got > budget * costs.macs() * (1 + 1e-9):
+    if got > limit * costs.macs() * (1 + 1e-9):
         raise BudgetError(f"searcher {searcher!r} returned masks with {got / costs.macs():.3f} of the MACs, "
-                          f"above the budget {budget}")
+                          f"above its budget {limit}")
     return masks, costs
 
 

@@ -423,12 +423,15 @@ class VitAdapter(Adapter):
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "VitAdapter":
-        from optin_plugins.zoo.vit_fmnist import build_timm
-
         cfg = plan.get("timm_config") or {}
         if "model_args" not in cfg:
-            raise OptinError("this pruned ViT was exported without its timm config; it cannot be rebuilt")
-        adapter = cls(build_timm(cfg).eval(), cfg)
+            raise OptinError("this pruned ViT was exported without its timm config (timm_class, model_args); "
+                             "it cannot be rebuilt")
+        if cfg.get("timm_class", "VisionTransformer") != "VisionTransformer":
+            raise OptinError(f"cannot rebuild timm class {cfg.get('timm_class')!r} (supported: VisionTransformer)")
+        from timm.models.vision_transformer import VisionTransformer
+
+        adapter = cls(VisionTransformer(**cfg["model_args"]).eval(), cfg)
         counts = plan["unit_counts"]
         adapter.prune({k: [(torch.arange(full) < keep).float() for full, keep in
                            zip(adapter.unit_counts()[k], counts[k])] for k in counts})

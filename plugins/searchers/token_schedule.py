@@ -79,13 +79,14 @@ def trajectory_removals(importance: torch.Tensor, macs_of: MacsOf, target: float
 
 def layer_removals(n_tokens: int, protected: int, layers: list[int], retention: list[float], strength: float,
                    n_layers: int) -> list[int]:
-    """Zero-TPrune-style: at each pruning block keep ``1 - strength*(1-retention)`` of the tokens."""
+    """Zero-TPrune-style: at each pruning block keep ``max(0, 1 - strength*(1-retention))`` of the tokens
+    (strength 1 = the configured retention rates)."""
     removals = [0] * n_layers
     n = n_tokens - protected
     for layer, keep in zip(layers, retention):
         if layer >= n_layers:
             continue
-        kept = int(round(n * (1 - strength * (1 - keep))))
+        kept = int(round(n * max(0.0, 1 - strength * (1 - keep))))
         removals[layer] = n - max(1, kept)
         n = max(1, kept)
     return removals
@@ -132,7 +133,10 @@ class TokenScheduleSearcher(Searcher):
         if self.schedule_kind == "decreasing":
             return smallest_fitting(max(0, 2 * room // n_layers), lambda r: decreasing_removals(n_layers, r),
                                     macs_of, target)
+        # strength 1 is the configured retention; stronger (up to dropping everything at the most
+        # aggressive layer) when the budget asks for more
+        top = 1.0 / max(1e-6, max(1 - r for r in self.retention))
         steps = 1000
         return smallest_fitting(steps, lambda s: layer_removals(n_tokens, protected, self.pruning_layers,
-                                                                self.retention, s / steps, n_layers),
+                                                                self.retention, top * s / steps, n_layers),
                                 macs_of, target)

@@ -1,0 +1,48 @@
+"""Render benchmark result JSON files into the markdown tables of docs/benchmarks.md.
+
+    python benchmarks/render.py benchmarks/results/bert_budgets-minilm-trec.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def budgets_table(result: dict) -> str:
+    """Accuracy / MACs / speedup per scorer and budget (random averaged over its seeds)."""
+    cells: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in result["rows"]:
+        cells[(r["scorer"], r["budget"])].append(r)
+    scorers = list(dict.fromkeys(r["scorer"] for r in result["rows"]))
+    budgets = sorted({r["budget"] for r in result["rows"]}, reverse=True)
+    base = result["rows"][0]["accuracy_before"]
+    lines = [f"Unpruned accuracy: **{base:.4f}** ({result['eval_examples']} test examples).", "",
+             "| scorer | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for s in scorers:
+        row = []
+        for b in budgets:
+            rs = cells[(s, b)]
+            acc = sum(r["accuracy"] for r in rs) / len(rs)
+            spread = f" ±{(max(r['accuracy'] for r in rs) - min(r['accuracy'] for r in rs)) / 2:.3f}" if len(rs) > 1 else ""
+            speed = sum(r["speedup"] for r in rs) / len(rs)
+            row.append(f"{acc:.4f}{spread} ({speed:.2f}x)")
+        lines.append(f"| {s}{' (' + str(len(cells[(s, budgets[0])])) + ' seeds)' if len(cells[(s, budgets[0])]) > 1 else ''} | "
+                     + " | ".join(row) + " |")
+    lines += ["", "| scorer | scoring time (s) | heads kept at " + " / ".join(str(b) for b in budgets) + " |",
+              "|---|---|---|"]
+    for s in scorers:
+        rs = [cells[(s, b)][0] for b in budgets]
+        lines.append(f"| {s} | {rs[0]['seconds_scoring']:.1f} | " + " / ".join(str(r["heads_kept"]) for r in rs) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    for path in sys.argv[1:]:
+        result = json.loads(open(path).read())
+        print(budgets_table(result) if "rows" in result else json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
