@@ -161,23 +161,39 @@ def _summary(report: dict) -> None:
               f"pruned model and report.json in {report['output']}")
 
 
-@cli.command()
-@common_options
-@click.option("--scorer", default="trajectory", show_default=True)
-@click.option("--searcher", default="ptf", show_default=True)
-@click.option("--reducer", default=None, help="Token reducer (vision adapters).")
-@click.option("--budget", default=0.6, show_default=True, type=float, help="Fraction of MACs to keep, in (0, 1].")
-@click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.pass_context
-def run(ctx: click.Context, **kw: Any) -> None:
-    """Score, search, prune, evaluate and export (the whole recipe)."""
+def prune_options(fn):
+    """Flags shared by the commands that prune, evaluate and export (run, prune)."""
+    for d in reversed([
+        click.option("--searcher", default="ptf", show_default=True),
+        click.option("--budget", default=0.6, show_default=True, type=float,
+                     help="Fraction of MACs to keep, in (0, 1]."),
+        click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1)),
+        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
+    ]):
+        fn = d(fn)
+    return fn
+
+
+def _invoke_recipe(ctx: click.Context, kw: dict, **extra: Any) -> dict:
+    """Common CLI plumbing: progress bars, plugin options, named-model defaults, then the recipe."""
     from .recipe import run as run_recipe
 
     set_quiet(kw.pop("quiet"))
     options = _plugin_options(ctx, kw.pop("plugin_opts"))
-    _apply_model_defaults(ctx, kw["model"], kw, options)
-    report = run_recipe(kw.pop("model"), options=options, **kw)
+    if "scorer" in kw:  # a scoring command: the named model's scoring defaults apply
+        _apply_model_defaults(ctx, kw["model"], kw, options)
+    return run_recipe(kw.pop("model"), options=options, **kw, **extra)
+
+
+@cli.command()
+@common_options
+@click.option("--scorer", default="trajectory", show_default=True)
+@click.option("--reducer", default=None, help="Token reducer (vision adapters; with --searcher token-schedule).")
+@prune_options
+@click.pass_context
+def run(ctx: click.Context, **kw: Any) -> None:
+    """Score, search, prune, evaluate and export (the whole recipe)."""
+    report = _invoke_recipe(ctx, kw)
     report["output"] = kw["output"]
     _summary(report)
 
@@ -188,12 +204,7 @@ def run(ctx: click.Context, **kw: Any) -> None:
 @click.pass_context
 def score(ctx: click.Context, **kw: Any) -> None:
     """Only score: write OUTPUT/scores.safetensors (resumes if interrupted)."""
-    from .recipe import run as run_recipe
-
-    set_quiet(kw.pop("quiet"))
-    options = _plugin_options(ctx, kw.pop("plugin_opts"))
-    _apply_model_defaults(ctx, kw["model"], kw, options)
-    res = run_recipe(kw.pop("model"), options=options, score_only=True, **kw)
+    res = _invoke_recipe(ctx, kw, score_only=True)
     out.print(f"scores written to {res['scores']} ({res['seconds_scoring']:.1f}s)")
 
 
@@ -201,18 +212,12 @@ def score(ctx: click.Context, **kw: Any) -> None:
 @common_options
 @click.option("--scores", "scores_file", required=True, type=click.Path(dir_okay=False),
               help="Scores from `optin score` (any budget, no rescoring).")
-@click.option("--searcher", default="ptf", show_default=True)
-@click.option("--budget", default=0.6, show_default=True, type=float, help="Fraction of MACs to keep, in (0, 1].")
-@click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--reducer", default=None, help="Token reducer (vision adapters; with --searcher token-schedule).")
+@prune_options
 @click.pass_context
 def prune(ctx: click.Context, **kw: Any) -> None:
     """Prune from saved scores at a budget, evaluate and export."""
-    from .recipe import run as run_recipe
-
-    set_quiet(kw.pop("quiet"))
-    options = _plugin_options(ctx, kw.pop("plugin_opts"))
-    report = run_recipe(kw.pop("model"), options=options, **kw)
+    report = _invoke_recipe(ctx, kw)
     report["output"] = kw["output"]
     _summary(report)
 

@@ -1,7 +1,11 @@
 """Multiplying groups of features by unit masks, for single or batched (replicated) masks."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 import torch
+from torch import nn
 
 
 def apply_unit_mask(x: torch.Tensor, mask: torch.Tensor, unit_size: int = 1) -> torch.Tensor:
@@ -21,3 +25,23 @@ def apply_unit_mask(x: torch.Tensor, mask: torch.Tensor, unit_size: int = 1) -> 
     shaped = x.reshape(reps, lead, *x.shape[1:])
     m = m.reshape(reps, *([1] * (x.dim() - 1)), -1)
     return (shaped * m).reshape(x.shape)
+
+
+@contextmanager
+def masked_inputs(masks: dict[str, list[torch.Tensor | None]],
+                  target: Callable[[str, int], tuple[nn.Module, int]]) -> Iterator[None]:
+    """Within the context, scale the input of ``target(kind, layer) = (module, unit_size)`` by that
+    layer's mask (forward pre-hooks; a ``None`` mask leaves the layer alone). The hooks are always removed."""
+    handles = []
+    try:
+        for kind, per_layer in masks.items():
+            for layer, mask in enumerate(per_layer):
+                if mask is None:
+                    continue
+                module, size = target(kind, layer)
+                handles.append(module.register_forward_pre_hook(
+                    lambda mod, args, m=mask, s=size: (apply_unit_mask(args[0], m, s), *args[1:])))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

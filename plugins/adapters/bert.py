@@ -8,16 +8,15 @@ both with forward pre-hooks; physical removal slices the Linear layers.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from optin.contracts import Adapter, Batch, Trace
 from optin.errors import OptinError
-from optin.masking import apply_unit_mask
+from optin.masking import apply_unit_mask, masked_inputs
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
@@ -169,21 +168,8 @@ class BertAdapter(Adapter):
             return block.output.dense, 1
         raise OptinError(f"adapter bert has no unit kind {kind!r} (kinds: heads, neurons)")
 
-    @contextmanager
-    def masked(self, masks: UnitTensors) -> Iterator[None]:
-        handles = []
-        try:
-            for kind, per_layer in masks.items():
-                for layer, mask in enumerate(per_layer):
-                    if mask is None:
-                        continue
-                    module, size = self._mask_targets(kind, layer)
-                    handles.append(module.register_forward_pre_hook(
-                        lambda mod, args, m=mask, s=size: (apply_unit_mask(args[0], m, s), *args[1:])))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
+        return masked_inputs(masks, self._mask_targets)
 
     def cost_model(self, seq_len: float) -> CostModel:
         L, H, d = float(seq_len), float(self.hidden), float(self.head_dim)

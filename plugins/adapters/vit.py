@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from torch import nn
 
 from optin.contracts import Adapter, Batch, Reducer, TokenScorer, Trace
 from optin.errors import OptinError
-from optin.masking import apply_unit_mask
+from optin.masking import apply_unit_mask, masked_inputs
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
@@ -226,21 +225,8 @@ class VitAdapter(Adapter):
             return b.mlp.fc2, 1
         raise OptinError(f"adapter vit has no unit kind {kind!r} (kinds: heads, neurons)")
 
-    @contextmanager
-    def masked(self, masks: UnitTensors) -> Iterator[None]:
-        handles = []
-        try:
-            for kind, per_layer in masks.items():
-                for layer, mask in enumerate(per_layer):
-                    if mask is None:
-                        continue
-                    module, size = self._mask_targets(kind, layer)
-                    handles.append(module.register_forward_pre_hook(
-                        lambda mod, args, m=mask, s=size: (apply_unit_mask(args[0], m, s), *args[1:])))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
+        return masked_inputs(masks, self._mask_targets)
 
     def token_counts(self, removals: list[int] | None = None) -> tuple[list[int], list[int]]:
         """Tokens entering each block's attention and MLP under a schedule of removals per block."""
