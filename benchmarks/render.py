@@ -38,10 +38,30 @@ def budgets_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def configs_table(result: dict) -> str:
+    """ViT benchmark: accuracy (MACs kept, measured speedup) per configuration and budget."""
+    budgets = sorted({r["budget"] for r in result["rows"]}, reverse=True)
+    names = list(dict.fromkeys(r["config"] for r in result["rows"]))
+    cell = {(r["config"], r["budget"]): r for r in result["rows"]}
+    lines = [f"Unpruned accuracy: **{result['rows'][0]['accuracy_before']:.4f}** "
+             f"({result['eval_examples']} test images).", "",
+             "| configuration | " + " | ".join(f"budget {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for n in names:
+        row = [f"{cell[(n, b)]['accuracy']:.4f} ({cell[(n, b)]['macs_ratio']:.2f}, {cell[(n, b)]['speedup']:.2f}x)"
+               for b in budgets]
+        lines.append(f"| {n} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         result = json.loads(open(path).read())
-        print(budgets_table(result) if "rows" in result else json.dumps(result, indent=2))
+        if "rows" not in result:
+            print(json.dumps(result, indent=2))
+        elif "config" in result["rows"][0]:
+            print(configs_table(result))
+        else:
+            print(budgets_table(result))
 
 
 if __name__ == "__main__":
