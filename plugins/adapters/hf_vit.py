@@ -1,0 +1,227 @@
+"""Adapter for HF transformers ViT/DeiT image classifiers (ViTForImageClassification, DeiTForImageClassification...).
+
+Units: attention heads (masked at the input of ``attention.o_proj``) and MLP neurons (at the input of
+``mlp.fc2``). The trajectory restarts the model's own forward at a block from cached inputs (neurons at the
+block's MLP, replaying the cached attention output), as the BERT adapter does. Token reduction is offered
+by the timm adapter (``vit``); this one prunes heads and neurons.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from optin.contracts import Adapter, Batch, Trace
+from optin.errors import OptinError
+from optin.masking import apply_unit_mask, masked_inputs
+from optin.surgery import head_rows, slice_linear
+from optin.units import CostModel, UnitTensors
+
+from .bert import _Replay
+
+HF_VISION = {"vit", "deit"}
+
+
+def _layers_of(model: nn.Module) -> nn.ModuleList | None:
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        return None
+    first = layers[0]
+    attn, mlp = getattr(first, "attention", None), getattr(first, "mlp", None)
+    ok = all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(mlp, "fc2") \
+        and hasattr(getattr(base, "embeddings", None), "patch_embeddings")
+    return layers if ok else None
+
+
+class _NoHeads(nn.Module):
+    """An attention with every head removed: outputs the output projection's bias."""
+
+    def __init__(self, o_proj: nn.Linear, head_dim: int) -> None:
+        super().__init__()
+        self.o_proj, self.num_attention_heads, self.head_dim = o_proj, 0, head_dim
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return self.o_proj(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
+
+
+class HFVitAdapter(Adapter):
+    """HF transformers ViT/DeiT image classifiers: attention heads and MLP neurons."""
+
+    name = "hf-vit"
+    unit_kinds = ("heads", "neurons")
+
+    def __init__(self, model: nn.Module, processor: Any = None) -> None:
+        super().__init__(model, processor)
+        if _layers_of(model) is None:
+            raise OptinError(f"{type(model).__name__} does not have the HF ViT layout (layers[i].attention.q_proj)")
+        self.base = getattr(model, "base_model", model)
+        self.layers = list(self.base.layers)
+        self.head_dim = int(self.layers[0].attention.head_dim)
+        emb = self.base.embeddings
+        self.protected = 1 + int(getattr(emb, "distillation_token", None) is not None)
+        self.n_tokens = int(emb.patch_embeddings.num_patches) + self.protected
+        self.dim = int(model.config.hidden_size)
+        self.kept_index = {k: [list(range(n)) for n in ns] for k, ns in self.unit_counts().items()}
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return _layers_of(model) is not None and hasattr(model, "config")
+
+    @classmethod
+    def claims(cls, source: str) -> bool:
+        cfg = Path(source) / "config.json"
+        try:
+            return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in HF_VISION
+        except ValueError:
+            return False
+
+    @classmethod
+    def load(cls, source: str, num_labels: int | None = None) -> "HFVitAdapter":
+        from transformers import AutoModelForImageClassification
+
+        kw = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
+        return cls(AutoModelForImageClassification.from_pretrained(source, **kw).eval())
+
+    def collate(self, examples: list[dict]) -> Batch:
+        batch = {"pixel_values": torch.stack([e["image"] for e in examples])}
+        if "label" in examples[0]:
+            batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
+        return batch
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.model(pixel_values=batch["pixel_values"]).logits
+
+    def seq_len(self, batches: list[Batch]) -> float:
+        return float(self.n_tokens)
+
+    def unit_counts(self) -> dict[str, list[int]]:
+        return {"heads": [int(l.attention.num_attention_heads) for l in self.layers],
+                "neurons": [int(l.mlp.fc1.out_features) for l in self.layers]}
+
+    def _mask_targets(self, kind: str, layer: int) -> tuple[nn.Module, int]:
+        if kind == "heads":
+            return self.layers[layer].attention.o_proj, self.head_dim
+        if kind == "neurons":
+            return self.layers[layer].mlp.fc2, 1
+        raise OptinError(f"adapter hf-vit has no unit kind {kind!r} (kinds: heads, neurons)")
+
+    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
+        return masked_inputs(masks, self._mask_targets)
+
+    def cost_model(self, seq_len: float | None = None) -> CostModel:
+        n, D, d = float(self.n_tokens), float(self.dim), float(self.head_dim)
+        proj = self.base.embeddings.patch_embeddings.projection
+        fixed = (self.n_tokens - self.protected) * proj.out_channels * proj.in_channels * \
+            proj.kernel_size[0] * proj.kernel_size[1]
+        fixed += sum(m.in_features * m.out_features for name, m in self.model.named_modules()
+                     if isinstance(m, nn.Linear) and "classifier" in name)
+        layers = len(self.layers)
+        return CostModel(per_unit={"heads": [4 * n * D * d + 2 * n * n * d] * layers, "neurons": [2 * n * D] * layers},
+                         counts=self.unit_counts(), fixed=float(fixed), notes={"tokens": n})
+
+    def unit_weights(self) -> dict[str, list[torch.Tensor]]:
+        heads, neurons = [], []
+        d, D = self.head_dim, self.dim
+        for l in self.layers:
+            n = int(l.attention.num_attention_heads)
+            if n:
+                qkv = [getattr(l.attention, p).weight.reshape(n, d * D) for p in ("q_proj", "k_proj", "v_proj")]
+                o = l.attention.o_proj.weight.reshape(D, n, d).permute(1, 0, 2).reshape(n, -1)
+                heads.append(torch.cat([*qkv, o], 1).detach())
+            else:
+                heads.append(torch.zeros(0, 4 * d * D))
+            neurons.append(torch.cat([l.mlp.fc1.weight, l.mlp.fc2.weight.t()], 1).detach())
+        return {"heads": heads, "neurons": neurons}
+
+    @torch.no_grad()
+    def trace(self, batch: Batch) -> Trace:
+        starts, attn_out, emb, handles = {}, {}, {}, []
+        for i, l in enumerate(self.layers):
+            handles.append(l.register_forward_pre_hook(
+                lambda m, a, k, i=i: starts.__setitem__(i, a[0] if a else k["hidden_states"]), with_kwargs=True))
+            handles.append(l.attention.register_forward_hook(lambda m, a, o, i=i: attn_out.__setitem__(i, o[0])))
+            handles.append(l.mlp.fc2.register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, o)))
+        try:
+            logits = self.logits(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        n = len(self.layers)
+        return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
+                     state={"starts": [starts[i] for i in range(n)], "attention": [attn_out[i] for i in range(n)]})
+
+    @torch.no_grad()
+    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
+                 select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        reps = masks.shape[0]
+        pixels = batch["pixel_values"].repeat(reps, 1, 1, 1)
+        start = trace.state["starts"][layer].repeat(reps, 1, 1)
+        block = self.layers[layer]
+        saved = block.attention
+        collected: dict[int, torch.Tensor] = {}
+        handles = [self.base.embeddings.register_forward_hook(lambda m, a, o: start)]
+        for z in range(layer, len(self.layers)):
+            handles.append(self.layers[z].mlp.fc2.register_forward_hook(
+                lambda m, a, o, z=z: collected.__setitem__(z, select(o))))
+        module, size = self._mask_targets(kind, layer)
+        handles.append(module.register_forward_pre_hook(lambda mod, args: (apply_unit_mask(args[0], masks, size),)))
+        full = self.base.layers
+        try:
+            if kind == "neurons":
+                block.attention = _Replay(trace.state["attention"][layer].repeat(reps, 1, 1))
+            self.base.layers = nn.ModuleList(self.layers[layer:])
+            logits = self.logits({"pixel_values": pixels})
+        finally:
+            self.base.layers = full
+            block.attention = saved
+            for h in handles:
+                h.remove()
+        return collected, logits
+
+    @torch.no_grad()
+    def prune(self, masks: UnitTensors) -> None:
+        d = self.head_dim
+        for i, l in enumerate(self.layers):
+            if "heads" in masks:
+                keep = torch.nonzero(masks["heads"][i] > 0).flatten().tolist()
+                rows = head_rows(keep, d)
+                att = l.attention
+                o_proj = slice_linear(att.o_proj, in_idx=rows)
+                if keep:
+                    for p in ("q_proj", "k_proj", "v_proj"):
+                        setattr(att, p, slice_linear(getattr(att, p), out_idx=rows))
+                    att.o_proj = o_proj
+                    att.num_attention_heads = len(keep)
+                else:
+                    l.attention = _NoHeads(o_proj, d)
+                self.kept_index["heads"][i] = [self.kept_index["heads"][i][k] for k in keep]
+            if "neurons" in masks:
+                keep_t = torch.nonzero(masks["neurons"][i] > 0).flatten()
+                l.mlp.fc1 = slice_linear(l.mlp.fc1, out_idx=keep_t)
+                l.mlp.fc2 = slice_linear(l.mlp.fc2, in_idx=keep_t)
+                self.kept_index["neurons"][i] = [self.kept_index["neurons"][i][k] for k in keep_t.tolist()]
+
+    def plan(self) -> dict:
+        return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),
+                "unit_counts": self.unit_counts(), "kept_index": self.kept_index}
+
+    @classmethod
+    def rebuild(cls, plan: dict, directory: str) -> "HFVitAdapter":
+        import transformers
+        from transformers import AutoConfig
+
+        model_cls = getattr(transformers, plan["model_class"], None)
+        if not isinstance(model_cls, type):
+            raise OptinError(f"unknown model class {plan['model_class']!r} in the plan")
+        cfg = dict(plan["config"])
+        adapter = cls(model_cls(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).eval())
+        counts = plan["unit_counts"]
+        adapter.prune({k: [(torch.arange(full) < keep).float() for full, keep in
+                           zip(adapter.unit_counts()[k], counts[k])] for k in counts})
+        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
+        return adapter
