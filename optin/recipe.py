@@ -205,6 +205,11 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
         if int(value) < 1:
             raise OptinError(f"--{flag} must be a positive number of examples, got {value}")
     options = dict(options or {})
+    if reducer and not hasattr(registry.get("searcher", searcher), "removals"):
+        # `optin run --scorer trajectory --reducer tome` is the paper's expanded configuration: the token
+        # searcher prunes heads/neurons with PTF and then schedules tokens for the rest of the budget
+        say(f"--reducer {reducer}: using searcher 'token-schedule' (PTF for heads/neurons, then tokens)")
+        searcher = "token-schedule"
     selected = [("scorer", scorer), ("searcher", searcher)] + ([("reducer", reducer)] if reducer else [])
     registry.check_options(options, selected)  # unknown plugin names and option typos fail before any work
     token_scorer = None

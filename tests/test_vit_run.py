@@ -32,6 +32,7 @@ def image_task():
 
 
 @pytest.mark.parametrize("scorer,searcher,reducer,opts", [
+    ("trajectory", "ptf", "tome", {"neuron_group": 8}),  # `optin run --reducer tome`: expanded by default
     ("trajectory", "ptf", None, {"neuron_group": 8}),
     ("trajectory", "token-schedule", "tome", {"neuron_group": 8}),  # OPTIN expanded
     ("trajectory", "token-schedule", "tome", {"units": False}),  # tokens only
