@@ -150,7 +150,7 @@ def _summary(report: dict) -> None:
     m = report["metric"]
     table.add_row(m, f"{report['metric_before']:.4f}", f"{report['metric_after']:.4f}",
                   f"{report['metric_after'] - report['metric_before']:+.4f}")
-    table.add_row("MACs (encoder)", f"{report['macs_before'] / 1e6:.1f} M", f"{report['macs_after'] / 1e6:.1f} M",
+    table.add_row("MACs", f"{report['macs_before'] / 1e6:.1f} M", f"{report['macs_after'] / 1e6:.1f} M",
                   f"{report['macs_ratio']:.3f}")
     table.add_row("parameters", f"{report['params_before'] / 1e6:.2f} M", f"{report['params_after'] / 1e6:.2f} M",
                   f"{report['params_after'] / report['params_before']:.3f}")
