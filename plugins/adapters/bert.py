@@ -20,6 +20,8 @@ from optin.masking import apply_unit_mask, masked_inputs
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
+from .common import first_k_masks, hf_model_from_plan, kept, slice_mlp, track
+
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
 
 
@@ -309,7 +311,7 @@ class BertAdapter(Adapter):
         d = self.head_dim
         for i, block in enumerate(self.layers):
             if "heads" in masks:
-                keep = torch.nonzero(masks["heads"][i] > 0).flatten().tolist()
+                keep = kept(masks["heads"][i]).tolist()
                 rows = head_rows(keep, d)
                 att = block.attention.self
                 if keep:
@@ -320,12 +322,12 @@ class BertAdapter(Adapter):
                 elif not isinstance(att, _NoHeads):
                     block.attention.self = _NoHeads(d)
                 block.attention.output.dense = slice_linear(block.attention.output.dense, in_idx=rows)
-                self.kept_index["heads"][i] = [self.kept_index["heads"][i][k] for k in keep]
+                track(self.kept_index, "heads", i, keep)
             if "neurons" in masks:
-                keep_t = torch.nonzero(masks["neurons"][i] > 0).flatten()
-                block.intermediate.dense = slice_linear(block.intermediate.dense, out_idx=keep_t)
-                block.output.dense = slice_linear(block.output.dense, in_idx=keep_t)
-                self.kept_index["neurons"][i] = [self.kept_index["neurons"][i][k] for k in keep_t.tolist()]
+                keep_t = kept(masks["neurons"][i])
+                block.intermediate.dense, block.output.dense = slice_mlp(block.intermediate.dense,
+                                                                         block.output.dense, keep_t)
+                track(self.kept_index, "neurons", i, keep_t.tolist())
 
     def plan(self) -> dict:
         return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),
@@ -333,22 +335,13 @@ class BertAdapter(Adapter):
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "BertAdapter":
-        import transformers
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        model_cls = getattr(transformers, plan["model_class"], None)
-        if model_cls is None or not isinstance(model_cls, type):
-            raise OptinError(f"unknown model class {plan['model_class']!r} in the plan")
-        cfg = dict(plan["config"])
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        model = model_cls(config)
         tokenizer = None
         if (Path(directory) / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(directory)
-        adapter = cls(model.eval(), tokenizer)
-        counts = plan["unit_counts"]
-        adapter.prune({k: [torch.arange(full) < keep for full, keep in zip(adapter.unit_counts()[k], counts[k])]
-                       for k in counts})
+        adapter = cls(hf_model_from_plan(plan), tokenizer)
+        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
         adapter.kept_index = plan.get("kept_index", adapter.kept_index)
         return adapter
 

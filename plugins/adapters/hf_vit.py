@@ -21,6 +21,7 @@ from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
 from .bert import _Replay
+from .common import first_k_masks, hf_model_from_plan, image_collate, kept, slice_mlp, track
 
 HF_VISION = {"vit", "deit"}
 
@@ -87,10 +88,7 @@ class HFVitAdapter(Adapter):
         return cls(AutoModelForImageClassification.from_pretrained(source, **kw).eval())
 
     def collate(self, examples: list[dict]) -> Batch:
-        batch = {"pixel_values": torch.stack([e["image"] for e in examples])}
-        if "label" in examples[0]:
-            batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
-        return batch
+        return image_collate(examples)
 
     def logits(self, batch: Batch) -> torch.Tensor:
         return self.model(pixel_values=batch["pixel_values"]).logits
@@ -188,7 +186,7 @@ class HFVitAdapter(Adapter):
         d = self.head_dim
         for i, l in enumerate(self.layers):
             if "heads" in masks:
-                keep = torch.nonzero(masks["heads"][i] > 0).flatten().tolist()
+                keep = kept(masks["heads"][i]).tolist()
                 rows = head_rows(keep, d)
                 att = l.attention
                 o_proj = slice_linear(att.o_proj, in_idx=rows)
@@ -199,12 +197,11 @@ class HFVitAdapter(Adapter):
                     att.num_attention_heads = len(keep)
                 else:
                     l.attention = _NoHeads(o_proj, d)
-                self.kept_index["heads"][i] = [self.kept_index["heads"][i][k] for k in keep]
+                track(self.kept_index, "heads", i, keep)
             if "neurons" in masks:
-                keep_t = torch.nonzero(masks["neurons"][i] > 0).flatten()
-                l.mlp.fc1 = slice_linear(l.mlp.fc1, out_idx=keep_t)
-                l.mlp.fc2 = slice_linear(l.mlp.fc2, in_idx=keep_t)
-                self.kept_index["neurons"][i] = [self.kept_index["neurons"][i][k] for k in keep_t.tolist()]
+                keep_t = kept(masks["neurons"][i])
+                l.mlp.fc1, l.mlp.fc2 = slice_mlp(l.mlp.fc1, l.mlp.fc2, keep_t)
+                track(self.kept_index, "neurons", i, keep_t.tolist())
 
     def plan(self) -> dict:
         return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),
@@ -212,16 +209,7 @@ class HFVitAdapter(Adapter):
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "HFVitAdapter":
-        import transformers
-        from transformers import AutoConfig
-
-        model_cls = getattr(transformers, plan["model_class"], None)
-        if not isinstance(model_cls, type):
-            raise OptinError(f"unknown model class {plan['model_class']!r} in the plan")
-        cfg = dict(plan["config"])
-        adapter = cls(model_cls(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).eval())
-        counts = plan["unit_counts"]
-        adapter.prune({k: [(torch.arange(full) < keep).float() for full, keep in
-                           zip(adapter.unit_counts()[k], counts[k])] for k in counts})
+        adapter = cls(hf_model_from_plan(plan))
+        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
         adapter.kept_index = plan.get("kept_index", adapter.kept_index)
         return adapter

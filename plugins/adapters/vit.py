@@ -24,6 +24,8 @@ from optin.masking import apply_unit_mask, masked_inputs
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
+from .common import first_k_masks, image_collate, kept, slice_mlp, track
+
 
 def _is_vit(model: nn.Module) -> bool:
     blocks = getattr(model, "blocks", None)
@@ -201,10 +203,7 @@ class VitAdapter(Adapter):
 
     # --- data ------------------------------------------------------------------------------------
     def collate(self, examples: list[dict]) -> Batch:
-        batch = {"pixel_values": torch.stack([e["image"] for e in examples])}
-        if "label" in examples[0]:
-            batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
-        return batch
+        return image_collate(examples)
 
     def logits(self, batch: Batch) -> torch.Tensor:
         return self.model(batch["pixel_values"])
@@ -354,7 +353,7 @@ class VitAdapter(Adapter):
         d, D = self.head_dim, self.dim
         for i, b in enumerate(self.blocks):
             if "heads" in masks:
-                keep = torch.nonzero(masks["heads"][i] > 0).flatten().tolist()
+                keep = kept(masks["heads"][i]).tolist()
                 rows = head_rows(keep, d)
                 attn = b.attn
                 proj = slice_linear(attn.proj, in_idx=rows)
@@ -368,14 +367,13 @@ class VitAdapter(Adapter):
                     attn.attn_dim = len(keep) * d
                 else:
                     b.attn = _NoHeads(proj, d)
-                self.kept_index["heads"][i] = [self.kept_index["heads"][i][k] for k in keep]
+                track(self.kept_index, "heads", i, keep)
             if "neurons" in masks:
-                keep_t = torch.nonzero(masks["neurons"][i] > 0).flatten()
-                b.mlp.fc1 = slice_linear(b.mlp.fc1, out_idx=keep_t)
-                b.mlp.fc2 = slice_linear(b.mlp.fc2, in_idx=keep_t)
                 if not isinstance(b.mlp.norm, nn.Identity):
                     raise OptinError("MLPs with a hidden-layer norm (scale_mlp_norm) cannot be pruned")
-                self.kept_index["neurons"][i] = [self.kept_index["neurons"][i][k] for k in keep_t.tolist()]
+                keep_t = kept(masks["neurons"][i])
+                b.mlp.fc1, b.mlp.fc2 = slice_mlp(b.mlp.fc1, b.mlp.fc2, keep_t)
+                track(self.kept_index, "neurons", i, keep_t.tolist())
 
     # --- tokens ----------------------------------------------------------------------------------
     def install_reducer(self, reducer: Reducer, removals: list[int], token_scorer: TokenScorer | None = None,
@@ -418,9 +416,7 @@ class VitAdapter(Adapter):
         from timm.models.vision_transformer import VisionTransformer
 
         adapter = cls(VisionTransformer(**cfg["model_args"]).eval(), cfg)
-        counts = plan["unit_counts"]
-        adapter.prune({k: [(torch.arange(full) < keep).float() for full, keep in
-                           zip(adapter.unit_counts()[k], counts[k])] for k in counts})
+        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
         adapter.kept_index = plan.get("kept_index", adapter.kept_index)
         spec = plan.get("reducer")
         if spec:  # the token schedule is part of the architecture: reinstall it

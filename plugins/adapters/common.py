@@ -1,0 +1,51 @@
+"""Pieces the built-in adapters share: image batches, MLP slicing, rebuilding HF models from a plan."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from optin.contracts import Batch
+from optin.errors import OptinError
+from optin.surgery import slice_linear
+from optin.units import UnitTensors
+
+
+def image_collate(examples: list[dict]) -> Batch:
+    """Stack ``{"image": (C, H, W), "label": int}`` examples into ``pixel_values`` (+ ``labels``)."""
+    batch = {"pixel_values": torch.stack([e["image"] for e in examples])}
+    if "label" in examples[0]:
+        batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
+    return batch
+
+
+def kept(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the units a keep-mask keeps."""
+    return torch.nonzero(mask > 0).flatten()
+
+
+def slice_mlp(fc_in: nn.Linear, fc_out: nn.Linear, keep: torch.Tensor) -> tuple[nn.Linear, nn.Linear]:
+    """The two Linear layers of an MLP with only the hidden neurons ``keep``."""
+    return slice_linear(fc_in, out_idx=keep), slice_linear(fc_out, in_idx=keep)
+
+
+def track(kept_index: dict[str, list[list[int]]], kind: str, layer: int, keep: list[int]) -> None:
+    """Compose a new selection with the original indices kept so far (for the export plan)."""
+    kept_index[kind][layer] = [kept_index[kind][layer][k] for k in keep]
+
+
+def first_k_masks(current: dict[str, list[int]], target: dict[str, list[int]]) -> UnitTensors:
+    """Masks keeping the first ``target`` units of each layer (rebuilding a pruned shape; the weights
+    loaded afterwards fill them)."""
+    return {k: [(torch.arange(full) < keep).float() for full, keep in zip(current[k], target[k])] for k in target}
+
+
+def hf_model_from_plan(plan: dict) -> nn.Module:
+    """A randomly initialised transformers model of the plan's class and original config."""
+    import transformers
+    from transformers import AutoConfig
+
+    model_cls = getattr(transformers, plan["model_class"], None)
+    if not isinstance(model_cls, type):
+        raise OptinError(f"unknown model class {plan['model_class']!r} in the plan")
+    cfg = dict(plan["config"])
+    return model_cls(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).eval()
