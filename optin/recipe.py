@@ -161,14 +161,19 @@ def _max_diff(reference: Adapter, masks: UnitTensors, pruned: Adapter, batch: Ba
     return float((pruned.logits(batch) - expected).abs().max())
 
 
+def require_tokens(adapter: Adapter, reducer: str) -> None:
+    """A token reducer needs an adapter with tokens (checked before scoring, and again when installing)."""
+    if not adapter.has_tokens:
+        raise OptinError(f"--reducer {reducer}: adapter {adapter.name!r} has no tokens to reduce; token reducers "
+                         "work with the vision adapters (vit)")
+
+
 def reduce_tokens(adapter: Adapter, reducer: str, budget: float, macs_before: float, *, searcher: str = "token-schedule",
                   options: dict | None = None, token_importance: torch.Tensor | None = None,
                   token_scorer: Any = None) -> list[int]:
     """Install a token reducer on a schedule whose MACs fit ``budget * macs_before`` (after any
     head/neuron pruning already applied); returns the tokens removed per block."""
-    if not adapter.has_tokens:
-        raise OptinError(f"--reducer {reducer}: adapter {adapter.name!r} has no tokens to reduce; token reducers "
-                         "work with the vision adapters (vit)")
+    require_tokens(adapter, reducer)
     options = dict(options or {})
     shared = getattr(token_scorer, "similarity_tokens", None)
     if shared is not None:  # Zero-TPrune: the token scorer's S-stage setting drives the prune reducer
@@ -213,7 +218,8 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
     selected = [("scorer", scorer), ("searcher", searcher)] + ([("reducer", reducer)] if reducer else [])
     registry.check_options(options, selected)  # unknown plugin names and option typos fail before any work
     token_scorer = None
-    if isinstance(registry.get("scorer", scorer), type) and issubclass(registry.get("scorer", scorer), TokenScorer):
+    scorer_cls = registry.get("scorer", scorer)
+    if isinstance(scorer_cls, type) and issubclass(scorer_cls, TokenScorer):
         token_scorer = registry.create("scorer", scorer, options)  # ranks tokens at run time, no unit scores
     plan = registry.create("searcher", searcher, options)
     if reducer and token_scorer is None and scorer == "trajectory" and getattr(plan, "schedule_kind", "") == "trajectory":
@@ -226,9 +232,8 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
         f"[bold]scorer[/bold] {scorer}   [bold]searcher[/bold] {searcher}   [bold]budget[/bold] {budget}"
         + (f"   [bold]reducer[/bold] {reducer}" if reducer else ""))
     ad = load_model(source, adapter)
-    if reducer is not None and not ad.has_tokens:
-        raise OptinError(f"--reducer {reducer}: adapter {ad.name!r} has no tokens to reduce; token reducers "
-                         "work with the vision adapters (vit)")
+    if reducer is not None:
+        require_tokens(ad, reducer)  # fail before any scoring work
     n_labels = getattr(getattr(ad.model, "config", None), "num_labels", None)
     if n_labels is not None and n_labels != the_task.num_labels and not score_only:
         raise OptinError(f"model {source!r} predicts {n_labels} classes but task {the_task.name!r} has "
