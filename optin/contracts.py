@@ -45,6 +45,12 @@ class Adapter(ABC):
 
     name: ClassVar[str] = ""
     unit_kinds: ClassVar[tuple[str, ...]] = ()
+    # What ``logits`` returns: "classes" (B, C) or "segmentation" (B, C, H, W) per-pixel class scores;
+    # a task's ``target`` must match it.
+    output: ClassVar[str] = "classes"
+    # How the trajectory scorer compares embeddings: "manifold" (token embeddings (B, T, D), relation maps,
+    # DESIGN 3.2) or "feature-mse" (CNN feature maps (B, C, H, W), batch-averaged, OPTIN A.10).
+    trajectory_distance: ClassVar[str] = "manifold"
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
         self.model = model

@@ -39,11 +39,25 @@ def kd_divergence(masked_logits: torch.Tensor, logits: torch.Tensor, temperature
                   divide_by_t: bool = True) -> torch.Tensor:
     """L_KD per replica: ``KL(softmax(z/T) || softmax(z'/T)) * T^2``, summed over the batch.
 
-    ``masked_logits`` (R, B, C), ``logits`` (B, C). With ``divide_by_t=False`` the logits are not divided
-    by T (the official OPTIN code's variant) but the result is still multiplied by T^2.
+    ``masked_logits`` (R, B, C), ``logits`` (B, C). Segmentation outputs (B, C, *spatial) are per-pixel
+    class distributions: the KL is taken over C at every pixel and averaged over the pixels. With
+    ``divide_by_t=False`` the logits are not divided by T (the official OPTIN code's variant) but the
+    result is still multiplied by T^2.
     """
     t = temperature if divide_by_t else 1.0
-    p_log = F.log_softmax(_f32(logits) / t, dim=-1).unsqueeze(0)
-    q_log = F.log_softmax(_f32(masked_logits) / t, dim=-1)
-    kl = (p_log.exp() * (p_log - q_log)).sum(dim=-1)  # (R, B)
+    p_log = F.log_softmax(_f32(logits) / t, dim=1).unsqueeze(0)
+    q_log = F.log_softmax(_f32(masked_logits) / t, dim=2)
+    kl = (p_log.exp() * (p_log - q_log)).sum(dim=2)  # (R, B, *spatial)
+    if kl.dim() > 2:
+        kl = kl.flatten(2).mean(dim=2)
     return kl.sum(dim=-1) * temperature**2
+
+
+def batch_mean(features: torch.Tensor, replicas: int) -> torch.Tensor:
+    """(R*B, ...) stacked replicas -> (R, ...): each replica's feature map averaged over its batch."""
+    return _f32(features).reshape(replicas, -1, *features.shape[1:]).mean(dim=1)
+
+
+def feature_mse(masked: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """CNN trajectory distance (OPTIN A.10): MSE between batch-averaged feature maps, (R, ...) vs (...) -> (R,)."""
+    return (masked - reference.unsqueeze(0)).pow(2).flatten(1).mean(dim=1)

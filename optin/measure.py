@@ -28,15 +28,61 @@ def accuracy(adapter: Adapter, batches: list[Batch], advance: Callable[[int], No
     return correct / max(total, 1)
 
 
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int = 255) -> torch.Tensor:
+    """(num_classes, num_classes) counts of (target, prediction) pixel pairs, ``ignore`` targets skipped."""
+    keep = target != ignore
+    t, p = target[keep].long(), pred[keep].long()
+    return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def miou_of(conf: torch.Tensor) -> float:
+    """Mean intersection-over-union over the classes that occur in the target or the prediction."""
+    inter = conf.diag().double()
+    union = conf.sum(0).double() + conf.sum(1).double() - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else 1.0
+
+
 @torch.no_grad()
-def agreement(a: Adapter, b: Adapter, batches: list[Batch]) -> float:
+def miou(adapter: Adapter, batches: list[Batch], advance: Callable[[int], None] = lambda n: None,
+         reference: Adapter | None = None) -> float:
+    """Segmentation mIoU against the batches' ``masks``, or against ``reference``'s predictions (fidelity)."""
+    adapter.model.eval()
+    conf = None
+    for batch in batches:
+        logits = adapter.logits(batch)
+        target = reference.logits(batch).argmax(1) if reference is not None else batch["masks"]
+        c = confusion(logits.argmax(1), target, logits.shape[1])
+        conf = c if conf is None else conf + c
+        advance(1)
+    return miou_of(conf) if conf is not None else 1.0
+
+
+@torch.no_grad()
+def agreement(a: Adapter, b: Adapter, batches: list[Batch], advance: Callable[[int], None] = lambda n: None) -> float:
     """Fraction of examples where two models predict the same class."""
     same = total = 0
     for batch in batches:
         pa, pb = a.logits(batch).argmax(-1), b.logits(batch).argmax(-1)
         same += int((pa == pb).sum())
         total += int(pa.numel())
+        advance(1)
     return same / max(total, 1)
+
+
+def evaluate(adapter: Adapter, batches: list[Batch], metric: str, reference: Adapter,
+             advance: Callable[[int], None] = lambda n: None) -> float:
+    """A task's metric: "accuracy", "miou" (against labels), or "agreement" with ``reference`` (top-1 for
+    classifiers, mIoU of the predictions for segmentation)."""
+    if metric == "accuracy":
+        return accuracy(adapter, batches, advance)
+    if metric == "miou":
+        return miou(adapter, batches, advance)
+    if metric == "agreement":
+        if adapter.output == "segmentation":
+            return miou(adapter, batches, advance, reference=reference)
+        return agreement(adapter, reference, batches, advance)
+    raise ValueError(f"unknown metric {metric!r}")
 
 
 @torch.no_grad()

@@ -21,11 +21,11 @@ from .contracts import Adapter, Batch, ScoreContext, TokenScorer
 from .errors import BudgetError, OptinError
 from .export import save_pruned
 from .hooks import notify
-from .measure import accuracy, params, throughput
+from .measure import evaluate, params, throughput
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
 from .rankings import Checkpoint, Scores, fingerprint
-from .tasks import Task, file_task, get_task, sample
+from .tasks import Task, file_task, get_task, known_tasks, sample
 from .units import CostModel, UnitTensors, counts_of, kept_counts
 
 
@@ -76,7 +76,7 @@ def score(adapter: Adapter, batches: list[Batch], scorer: str = "trajectory", op
           seed: int = 0, checkpoint: str | Path | None = None) -> Scores:
     """Importance of every unit. With ``checkpoint`` an interrupted run resumes from the partial file."""
     impl = registry.create("scorer", scorer, options)
-    if impl.needs_labels and any("labels" not in b for b in batches):
+    if impl.needs_labels and any("labels" not in b and "masks" not in b for b in batches):
         raise OptinError(f"scorer {scorer!r} needs labelled calibration data")
     fp = fingerprint(adapter.model)
     ckpt = None
@@ -161,6 +161,17 @@ def _max_diff(reference: Adapter, masks: UnitTensors, pruned: Adapter, batch: Ba
     return float((pruned.logits(batch) - expected).abs().max())
 
 
+def check_target(adapter: Adapter, task: Task, source: str) -> None:
+    """A segmentation model needs a segmentation task and a classifier a classification task."""
+    if adapter.output == task.target:
+        return
+    what = {"classes": "classification", "segmentation": "segmentation"}
+    fitting = sorted(n for n, t in known_tasks().items() if t.target == adapter.output)
+    raise OptinError(f"model {source!r} is a {what.get(adapter.output, adapter.output)} model (adapter "
+                     f"{adapter.name!r}) but task {task.name!r} is a {what.get(task.target, task.target)} task; "
+                     f"use a {what.get(adapter.output, adapter.output)} task: {', '.join(fitting) or 'none installed'}")
+
+
 def require_tokens(adapter: Adapter, reducer: str) -> None:
     """A token reducer needs an adapter with tokens (checked before scoring, and again when installing)."""
     if not adapter.has_tokens:
@@ -234,8 +245,10 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
     ad = load_model(source, adapter)
     if reducer is not None:
         require_tokens(ad, reducer)  # fail before any scoring work
+    check_target(ad, the_task, source)
     n_labels = getattr(getattr(ad.model, "config", None), "num_labels", None)
-    if n_labels is not None and n_labels != the_task.num_labels and not score_only:
+    if n_labels is not None and the_task.metric != "agreement" and n_labels != the_task.num_labels \
+            and not score_only:
         raise OptinError(f"model {source!r} predicts {n_labels} classes but task {the_task.name!r} has "
                          f"{the_task.num_labels} ({', '.join(the_task.labels)}); fine-tune it on this task first "
                          "(`optin finetune`)")
@@ -275,8 +288,8 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
                                  token_importance=_token_importance(scores), token_scorer=token_scorer)
         macs_after = ad.cost_model(seq_len, removals=removals).macs()
     with bar("evaluating", total=2 * len(evals)) as (advance, _):
-        metric_before = accuracy(original, evals, advance)
-        metric_after = accuracy(ad, evals, advance)
+        metric_before = evaluate(original, evals, the_task.metric, original, advance)
+        metric_after = evaluate(ad, evals, the_task.metric, original, advance)
     bench = evals[0]
     speed = throughput({"before": lambda: original.logits(bench), "after": lambda: ad.logits(bench)},
                        examples=ad.batch_size(bench), min_seconds=2.0)

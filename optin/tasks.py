@@ -22,7 +22,12 @@ Example = dict  # {"text": str, ..., "label": int}
 
 @dataclass
 class Task:
-    """A labelled classification task. ``loader(split)`` returns examples for "train" or "test"."""
+    """A task: ``loader(split)`` returns examples for "train" or "test".
+
+    ``target`` is what a model must predict: "classes" (examples carry ``label``) or "segmentation"
+    (examples carry ``image`` and, when labelled, ``mask`` (H, W) with 255 = ignore). ``metric`` is
+    "accuracy", "miou" or "agreement" (unlabelled data: fidelity to the unpruned model).
+    """
 
     name: str
     description: str
@@ -30,6 +35,7 @@ class Task:
     loader: Callable[[str], list[Example]]
     metric: str = "accuracy"
     kind: str = "text"
+    target: str = "classes"
     _cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
 
     @property

@@ -31,24 +31,39 @@ def kept_indices(masks: UnitTensors) -> dict[str, list[list[int]]]:
 
 @dataclass
 class CostModel:
-    """MACs of a model as ``fixed + sum over kinds/layers of kept units x per-unit MACs``.
+    """MACs of a model as ``fixed + sum of kept units x per-unit MACs + sum of coupled pairs``.
 
     ``per_unit[kind][layer]`` is the MACs one unit of that kind costs in that layer (it may differ
     per layer, e.g. when tokens are reduced); ``fixed`` is what no unit accounts for but the budget
-    still counts (0 for the BERT model of DESIGN.md 3.3).
+    still counts (0 for the BERT model of DESIGN.md 3.3). ``pairs`` holds bilinear terms
+    ``(kind_a, layer_a, kind_b, layer_b, macs)`` costing ``macs x kept_a x kept_b``: a convolution whose
+    input and output channels are both units (CNNs) costs in proportion to their product.
     """
 
     per_unit: dict[str, list[float]]
     counts: dict[str, list[int]]
     fixed: float = 0.0
     notes: dict[str, float] = field(default_factory=dict)
+    pairs: list[tuple[str, int, str, int, float]] = field(default_factory=list)
 
     def macs(self, kept: dict[str, list[int]] | None = None) -> float:
         kept = kept or self.counts
         total = self.fixed
         for kind, costs in self.per_unit.items():
             total += sum(c * n for c, n in zip(costs, kept[kind]))
+        for ka, la, kb, lb, c in self.pairs:
+            total += c * kept[ka][la] * kept[kb][lb]
         return float(total)
+
+    def removal_cost(self, kept: dict[str, list[int]], kind: str, layer: int) -> float:
+        """MACs saved by removing one unit of ``kind`` in ``layer`` given the current ``kept`` counts."""
+        saved = self.per_unit.get(kind, [0.0] * (layer + 1))[layer]
+        for ka, la, kb, lb, c in self.pairs:
+            if (ka, la) == (kind, layer):
+                saved += c * kept[kb][lb]
+            if (kb, lb) == (kind, layer):
+                saved += c * kept[ka][la]
+        return float(saved)
 
     def macs_of_masks(self, masks: UnitTensors) -> float:
         kept = kept_counts(masks)

@@ -11,10 +11,13 @@ from optin.units import UnitTensors
 
 
 def image_collate(examples: list[dict]) -> Batch:
-    """Stack ``{"image": (C, H, W), "label": int}`` examples into ``pixel_values`` (+ ``labels``)."""
+    """Stack ``{"image": (C, H, W), "label": int}`` examples into ``pixel_values`` (+ ``labels``);
+    segmentation examples' ``mask`` (H, W) go to ``masks`` (B, H, W)."""
     batch = {"pixel_values": torch.stack([e["image"] for e in examples])}
     if "label" in examples[0]:
         batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
+    if "mask" in examples[0]:
+        batch["masks"] = torch.stack([e["mask"] for e in examples]).long()
     return batch
 
 

@@ -3,7 +3,9 @@
 For unit j of block i: mask it, rerun the model from block i on (cached inputs, several masks per
 forward), and measure how far the later blocks' embeddings (manifold distillation) and the logits
 (knowledge distillation) move:  I(i, j) = sum_{z > i} L_MD(F'_z, F_z) + lambda * L_KD(logits', logits).
-The last block uses its own embedding. One fixed token sample per calibration batch serves every unit.
+The last block uses its own embedding. One fixed token sample per calibration batch (and per token
+count, for models whose stages change it, e.g. Swin) serves every unit. CNN adapters
+(``trajectory_distance = "feature-mse"``) compare batch-averaged feature maps by MSE instead (A.10).
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import math
 
 import torch
 
-from optin.contracts import Adapter, Batch, ScoreContext, Scorer
+from optin.contracts import Adapter, Batch, ScoreContext, Scorer, Trace
 from optin.errors import OptinError
-from optin.losses import kd_divergence, manifold_distance, relation_map, sample_rows, select_rows
+from optin.losses import (batch_mean, feature_mse, kd_divergence, manifold_distance, relation_map, sample_rows,
+                          select_rows)
 from optin.units import UnitTensors
 
 
@@ -28,6 +31,41 @@ def group_masks(n: int, groups: list[list[int]]) -> torch.Tensor:
     for r, g in enumerate(groups):
         masks[r, g] = 0.0
     return masks
+
+
+class _Manifold:
+    """L_MD on one calibration batch: fixed token-row samples (one per rows-per-replica count) and the
+    unmasked relation maps of every block."""
+
+    def __init__(self, trace: Trace, k: int, seed: int) -> None:
+        self.rows: dict[int, torch.Tensor] = {}
+        valid = trace.valid
+        for e in trace.embeddings:
+            n = e.numel() // e.shape[-1]
+            if n not in self.rows:
+                ok = valid if valid is not None and valid.numel() == n else None
+                self.rows[n] = sample_rows(ok, n, k, seed)
+        self.refs = [relation_map(self.select(e, 1))[0] for e in trace.embeddings]
+
+    def select(self, features: torch.Tensor, replicas: int) -> torch.Tensor:
+        return select_rows(features, replicas, self.rows[features.numel() // features.shape[-1] // replicas])
+
+    def distance(self, z: int, selected: torch.Tensor) -> torch.Tensor:
+        return manifold_distance(relation_map(selected), self.refs[z])
+
+
+class _FeatureMSE:
+    """CNN trajectory (OPTIN A.10): MSE between batch-averaged feature maps."""
+
+    def __init__(self, trace: Trace) -> None:
+        self.refs = [batch_mean(e, 1)[0] for e in trace.embeddings]
+
+    @staticmethod
+    def select(features: torch.Tensor, replicas: int) -> torch.Tensor:
+        return batch_mean(features, replicas)
+
+    def distance(self, z: int, selected: torch.Tensor) -> torch.Tensor:
+        return feature_mse(selected, self.refs[z])
 
 
 def combine(md: UnitTensors, kd: UnitTensors, lambda_kd: float | str, contribution: float) -> tuple[UnitTensors, float]:
@@ -81,13 +119,12 @@ class TrajectoryScorer(Scorer):
             counts["tokens"] = [adapter.token_units()] * n_layers
             kinds.append("tokens")
         traces = [adapter.trace(b) for b in batches]
-        samples = []  # per batch: token rows and reference relation maps per block
-        for b, tr in enumerate(traces):
-            first = tr.embeddings[0]
-            rows = sample_rows(tr.valid, first.shape[0] * first.shape[1] if first.dim() == 3 else first.shape[0],
-                               self.rows, ctx.seed + b)
-            refs = [relation_map(select_rows(e, 1, rows))[0] for e in tr.embeddings]
-            samples.append((rows, refs))
+        distance = getattr(adapter, "trajectory_distance", "manifold")
+        if distance not in ("manifold", "feature-mse"):
+            raise OptinError(f"adapter {adapter.name!r} asks for trajectory distance {distance!r}; known: manifold, "
+                             "feature-mse")
+        samples = [_Manifold(tr, self.rows, ctx.seed + b) if distance == "manifold" else _FeatureMSE(tr)
+                   for b, tr in enumerate(traces)]
         ctx.total(sum(len(unit_groups(n, self._group_size(k))) for k in kinds for n in counts[k]))
         md: UnitTensors = {k: [] for k in kinds}
         kd: UnitTensors = {k: [] for k in kinds}
@@ -126,16 +163,16 @@ class TrajectoryScorer(Scorer):
         md = torch.zeros(len(groups), dtype=torch.float64)
         kd = torch.zeros(len(groups), dtype=torch.float64)
         targets = [z for z in range(layer + 1, n_layers)] or [layer]
-        for b, (batch, tr, (rows, refs)) in enumerate(zip(batches, traces, samples)):
-            tokens = max(1, tr.embeddings[0].numel() // tr.embeddings[0].shape[-1])
+        for b, (batch, tr, probe) in enumerate(zip(batches, traces, samples)):
+            tokens = max(1, max(e.numel() // e.shape[-1] for e in tr.embeddings))
             per = max(1, self.tokens_per_forward // tokens)
             for start in range(0, len(groups), per):
                 chunk = groups[start:start + per]
                 masks = group_masks(n, chunk)
                 reps = masks.shape[0]
                 emb, logits = adapter.run_from(tr, kind, layer, masks, batch,
-                                               select=lambda o, r=reps: select_rows(o, r, rows))
-                loss = sum(manifold_distance(relation_map(emb[z]), refs[z]) for z in targets)
+                                               select=lambda o, r=reps: probe.select(o, r))
+                loss = sum(probe.distance(z, emb[z]) for z in targets)
                 md[start:start + reps] += loss.double()
                 kd[start:start + reps] += kd_divergence(logits.reshape(reps, *tr.logits.shape), tr.logits,
                                                         self.temperature, self.kd_divide_by_t).double()

@@ -3,6 +3,11 @@
 Sort units by importance. For each possible number k of kept heads (the most important k), spend what
 the budget leaves on the most important remaining units (neurons, channels) that fit, and keep the k
 whose kept importances sum highest. Without a "heads" kind this is a greedy fill by importance.
+
+CNN cost models couple layers (a convolution costs in proportion to its kept input x output channels,
+``CostModel.pairs``), so a unit's cost depends on what else is kept. There the search removes units in
+ascending importance, updating each removal's exact saving, until the MACs fit; every layer keeps at
+least ``min_keep`` units (a convolution cannot lose all its channels).
 """
 from __future__ import annotations
 
@@ -33,6 +38,28 @@ def greedy_fill(scores: torch.Tensor, costs: torch.Tensor, capacity: float) -> t
     return order[: int(fits.sum())]
 
 
+def greedy_prune(order: list[int], where: list[tuple[str, int, int]], costs: CostModel, capacity: float,
+                 min_keep: int = 1) -> set[int]:
+    """Flat indices removed when dropping units in ``order`` (least important first) until the MACs are at
+    most ``capacity``; each removal saves its exact marginal MACs given what is still kept."""
+    kept = {k: list(v) for k, v in costs.counts.items()}
+    current = costs.macs(kept)
+    removed: set[int] = set()
+    for idx in order:
+        if current <= capacity + 1e-6:
+            break
+        kind, layer, _ = where[idx]
+        if kept[kind][layer] <= min_keep:
+            continue
+        current -= costs.removal_cost(kept, kind, layer)
+        kept[kind][layer] -= 1
+        removed.add(idx)
+    if current > capacity + 1e-6:
+        raise BudgetError(f"cannot reach the budget while keeping {min_keep} unit(s) per layer: the smallest model "
+                          f"has {current / costs.macs():.3f} of the MACs; raise the budget")
+    return removed
+
+
 def ptf_search(head_scores: torch.Tensor, head_costs: torch.Tensor, other_scores: torch.Tensor,
                other_costs: torch.Tensor, capacity: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Best (kept heads, kept others) index sets under ``capacity`` MACs (pure function)."""
@@ -60,12 +87,19 @@ class PTFSearcher(Searcher):
 
     name = "ptf"
 
+    def __init__(self, min_keep: int = 1) -> None:
+        if int(min_keep) < 0:
+            raise BudgetError(f"min_keep must be >= 0, got {min_keep}")
+        self.min_keep = int(min_keep)
+
     def search(self, scores: UnitTensors, costs: CostModel, budget: float) -> UnitTensors:
         capacity = budget * costs.macs() - costs.fixed
         if capacity < 0:
             raise BudgetError(f"budget {budget} is below the MACs no unit accounts for "
                               f"({costs.fixed / costs.macs():.3f} of the model); raise the budget")
         kinds = [k for k in costs.per_unit if k in scores]
+        if costs.pairs:
+            return self._search_coupled(scores, costs, kinds, budget * costs.macs())
         heads = ["heads"] if "heads" in kinds else []
         others = [k for k in kinds if k not in heads]
         hs, hc, hw = _flatten(scores, costs, heads)
@@ -79,4 +113,14 @@ class PTFSearcher(Searcher):
             for idx in keep.tolist():
                 kind, layer, i = where[idx]
                 masks[kind][layer][i] = 1.0
+        return masks
+
+    def _search_coupled(self, scores: UnitTensors, costs: CostModel, kinds: list[str], capacity: float) -> UnitTensors:
+        flat, _, where = _flatten(scores, costs, kinds)
+        order = torch.argsort(flat, stable=True).tolist()
+        removed = greedy_prune(order, where, costs, capacity, max(1, self.min_keep))
+        masks = {k: [torch.ones(t.numel()) for t in scores[k]] for k in kinds}
+        for idx in removed:
+            kind, layer, i = where[idx]
+            masks[kind][layer][i] = 0.0
         return masks

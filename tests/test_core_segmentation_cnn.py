@@ -1,0 +1,138 @@
+"""Core pieces for segmentation models and CNNs: coupled costs, the exact greedy removal search,
+per-pixel KD, feature-map MSE, mIoU, task/model target checks, and the real-image tasks."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from optin import losses
+from optin.errors import BudgetError, OptinError
+from optin.measure import confusion, miou_of
+from optin.recipe import check_target
+from optin.tasks import Task, get_task
+from optin.units import CostModel
+from optin_plugins.searchers.ptf import PTFSearcher, greedy_prune
+
+
+def _chain(channels: list[int], cost: float = 1.0) -> CostModel:
+    """A chain of convs: conv 0 takes 3 fixed inputs, conv i couples layer i-1 and i."""
+    n = len(channels)
+    return CostModel(per_unit={"channels": [3.0 * cost] + [0.0] * (n - 1)}, counts={"channels": list(channels)},
+                     pairs=[("channels", i - 1, "channels", i, cost) for i in range(1, n)])
+
+
+def test_pairs_count_products_of_kept_units():
+    costs = _chain([4, 6, 5])
+    assert costs.macs() == 3 * 4 + 4 * 6 + 6 * 5
+    assert costs.macs({"channels": [2, 3, 1]}) == 3 * 2 + 2 * 3 + 3 * 1
+    kept = {"channels": [2, 3, 1]}
+    for layer in range(3):
+        fewer = {"channels": list(kept["channels"])}
+        fewer["channels"][layer] -= 1
+        assert costs.removal_cost(kept, "channels", layer) == pytest.approx(costs.macs(kept) - costs.macs(fewer))
+
+
+def test_coupled_search_meets_budget_keeps_one_per_layer_and_prefers_important_units():
+    costs = _chain([8, 8, 8])
+    torch.manual_seed(0)
+    scores = {"channels": [torch.rand(8) for _ in range(3)]}
+    scores["channels"][1][:] = 100.0  # never worth removing while others remain
+    for budget in (0.9, 0.6, 0.3):
+        masks = PTFSearcher().search(scores, costs, budget)
+        assert costs.macs_of_masks(masks) <= budget * costs.macs() + 1e-6
+        assert all(int(m.sum()) >= 1 for m in masks["channels"])
+    masks = PTFSearcher().search(scores, costs, 0.6)
+    assert int(masks["channels"][1].sum()) == 8
+
+
+def test_coupled_search_removes_in_ascending_importance_and_stops_as_soon_as_it_fits():
+    costs = _chain([3, 3])
+    where = [("channels", l, i) for l in range(2) for i in range(3)]
+    removed = greedy_prune([0, 3, 1, 4, 2, 5], where, costs, capacity=costs.macs() - 1e-3)
+    assert removed == {0}  # one removal (3 + 3 MACs saved) is enough
+
+
+def test_unreachable_coupled_budget_is_a_clear_error():
+    costs = _chain([2, 2])
+    scores = {"channels": [torch.ones(2), torch.ones(2)]}
+    with pytest.raises(BudgetError, match="keeping 1 unit"):
+        PTFSearcher().search(scores, costs, 0.1)
+
+
+def test_kd_on_per_pixel_logits_is_the_mean_pixel_kl():
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 3, 4)
+    masked = torch.randn(3, 2, 5, 3, 4)
+    got = losses.kd_divergence(masked, ref, temperature=2.0)
+    flat_ref = ref.permute(0, 2, 3, 1).reshape(2, 12, 5)
+    expect = []
+    for r in range(3):
+        q = masked[r].permute(0, 2, 3, 1).reshape(2, 12, 5)
+        kl = F.kl_div(F.log_softmax(q / 2, -1), F.log_softmax(flat_ref / 2, -1), log_target=True,
+                      reduction="none").sum(-1)  # (B, pixels)
+        expect.append(kl.mean(1).sum() * 4)
+    assert torch.allclose(got, torch.stack(expect), atol=1e-5)
+    assert losses.kd_divergence(ref.unsqueeze(0), ref).abs().max() < 1e-6
+
+
+def test_feature_mse_compares_batch_averaged_maps():
+    torch.manual_seed(0)
+    ref = torch.randn(4, 3, 5, 5)
+    masked = torch.cat([ref, ref + 1.0])  # replica 0 identical, replica 1 shifted by one everywhere
+    got = losses.feature_mse(losses.batch_mean(masked, 2), losses.batch_mean(ref, 1)[0])
+    assert torch.allclose(got, torch.tensor([0.0, 1.0]), atol=1e-6)
+
+
+def test_miou_from_confusion():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 0]])
+    conf = confusion(pred, target, 3)
+    assert int(conf.sum()) == 6  # ignored pixels skipped
+    # class 0: inter 1, union 3; class 1: inter 2, union 3; class 2: inter 1, union 2
+    assert miou_of(conf) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert miou_of(confusion(target.clamp(max=2), target.clamp(max=2), 3)) == 1.0
+
+
+class _Seg:
+    name, output = "fake-seg", "segmentation"
+
+
+def test_segmentation_model_on_classification_task_is_a_clear_error():
+    task = Task("clf", "a classification task", ["a", "b"], lambda split: [])
+    with pytest.raises(OptinError, match="segmentation model .* classification task; use a segmentation task"):
+        check_target(_Seg(), task, "my-model")
+
+
+def _has_fashion_mnist() -> bool:
+    from optin_plugins.tasks.images import fashion_mnist_folder
+
+    return (fashion_mnist_folder() / "t10k-images-idx3-ubyte.gz").is_file()
+
+
+@pytest.mark.skipif(not _has_fashion_mnist(), reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+def test_mosaic_task_labels_exactly_the_lit_pixels_of_real_items():
+    from optin_plugins.tasks.segmentation import LIT, mosaic_tensors
+    from optin_plugins.tasks.images import MEAN, STD
+
+    task = get_task("fmnist-mosaic")
+    assert task.target == "segmentation" and task.metric == "miou" and task.num_labels == 11
+    x, y = mosaic_tensors("test")
+    assert x.shape == (1000, 1, 64, 64) and y.shape == (1000, 64, 64)
+    raw = x * STD + MEAN
+    assert torch.equal(y > 0, raw[:, 0] > LIT + 1e-6)
+    assert set(y.unique().tolist()) == set(range(11))
+
+
+def test_photos_tasks_are_real_unlabelled_crops():
+    pytest.importorskip("skimage", reason="the photos tasks need scikit-image (pip install 'optin[photos]')")
+    task = get_task("photos")
+    assert task.metric == "agreement" and task.target == "classes"
+    train, test = task.examples("train"), task.examples("test")
+    assert train[0]["image"].shape == (3, 224, 224) and "label" not in train[0]
+    assert len(train) >= 100 and len(test) >= 100
+    assert not any(torch.equal(a["image"], b["image"]) for a, b in itertools.product(train[:5], test[:5]))
+    assert get_task("photos-seg").target == "segmentation"
