@@ -34,15 +34,19 @@ MODEL_ARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10,
 # Zen 4 core (measured: 765 s for the epoch on 1 thread beside a running benchmark, 73.1% test accuracy),
 # so about 7 minutes on an idle 2-core machine. A ViT learns slowly from scratch: more epochs buy accuracy.
 RECIPE = {"epochs": 1.0, "lr": 1e-3, "batch_size": 128, "weight_decay": 0.05, "warmup_fraction": 0.05, "seed": 0}
-TIMM_CLASSES = ("VisionTransformer",)  # classes load_timm_folder may rebuild (no arbitrary imports)
+TIMM_CLASSES = ("VisionTransformer", "SwinTransformer")  # classes load_timm_folder may rebuild (no arbitrary imports)
 
 
 def _timm_class(name: str) -> type[nn.Module]:
     if name not in TIMM_CLASSES:
         raise OptinError(f"unsupported timm class {name!r} in config.json (supported: {', '.join(TIMM_CLASSES)})")
+    if name == "SwinTransformer":
+        from timm.models.swin_transformer import SwinTransformer
+
+        return SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
-    return {"VisionTransformer": VisionTransformer}[name]
+    return VisionTransformer
 
 
 def make_vit(model_args: dict | None = None, seed: int = 0) -> nn.Module:

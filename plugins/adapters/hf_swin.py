@@ -1,0 +1,209 @@
+"""Adapter for HF transformers Swin image classifiers (``SwinForImageClassification``).
+
+Units: attention heads (masked at the input of ``attention.o_proj``) and MLP neurons (at the input of
+``mlp.fc2``) of every ``SwinLayer`` of every stage; layer index = block in forward order across stages.
+The trajectory restarts at a block from its cached input (neurons: at its MLP, from the cached residual)
+and runs the remaining blocks, patch mergings, final LayerNorm, pooling and classifier. A block's
+embedding is its ``mlp.fc2`` output (B, H*W, D). MACs count window attention on the padded map (see
+``swin_blocks.window_block_macs``), patch embedding, patch merging and the classifier.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from optin.contracts import Adapter, Batch, Trace
+from optin.errors import OptinError
+from optin.masking import apply_unit_mask, masked_inputs
+from optin.units import CostModel, UnitTensors
+
+from . import swin_blocks as sb
+from .common import first_k_masks, hf_model_from_plan, image_collate, kept, track
+
+
+def _swin_of(model: nn.Module) -> nn.Module | None:
+    """The ``SwinModel`` inside a classifier, or None when the model does not have that layout."""
+    swin = getattr(model, "swin", None)
+    layers = getattr(getattr(swin, "encoder", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers) or not hasattr(model, "classifier"):
+        return None
+    blocks = getattr(layers[0], "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        return None
+    att, mlp = getattr(blocks[0], "attention", None), getattr(blocks[0], "mlp", None)
+    ok = all(hasattr(att, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "relative_position_bias")) \
+        and hasattr(mlp, "fc2") and hasattr(getattr(swin, "embeddings", None), "patch_embeddings")
+    return swin if ok else None
+
+
+class HFSwinAdapter(Adapter):
+    """HF transformers SwinForImageClassification: attention heads and MLP neurons of every block."""
+
+    name = "hf-swin"
+    unit_kinds = ("heads", "neurons")
+
+    def __init__(self, model: nn.Module, processor: Any = None) -> None:
+        super().__init__(model, processor)
+        swin = _swin_of(model)
+        if swin is None:
+            raise OptinError(f"{type(model).__name__} is not an HF Swin classifier "
+                             "(swin.encoder.layers[s].blocks[b].attention.q_proj + classifier)")
+        self.swin = swin
+        self.grid = tuple(int(g) for g in swin.embeddings.patch_embeddings.grid_size)
+        self.infos = sb.hf_swin_blocks(swin.encoder, self.grid)
+        self.blocks = [i.block for i in self.infos]
+        self.head_dims = [sb.hf_head_dim(b) for b in self.blocks]
+        for info in self.infos:  # transformers clamps the window but not the bias table: its forward fails
+            bias = getattr(info.block.attention, "relative_position_bias", None)  # absent once all heads go
+            table = info.window if bias is None else int(bias.window_size[0])
+            if info.window != table:
+                raise OptinError(f"stage {info.stage} runs on a {info.resolution[0]}x{info.resolution[1]} map, "
+                                 f"smaller than the window {table}: transformers' Swin cannot run it; use a larger "
+                                 "image_size or a smaller window_size (or fewer stages)")
+        self.kept_index = {k: [list(range(n)) for n in ns] for k, ns in self.unit_counts().items()}
+
+    # --- discovery -------------------------------------------------------------------------------
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return _swin_of(model) is not None and hasattr(model, "config")
+
+    @classmethod
+    def claims(cls, source: str) -> bool:
+        cfg = Path(source) / "config.json"
+        try:
+            data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        except ValueError:
+            return False
+        archs = data.get("architectures") or ["SwinForImageClassification"]
+        return data.get("model_type") == "swin" and "SwinForImageClassification" in archs
+
+    @classmethod
+    def load(cls, source: str, num_labels: int | None = None) -> "HFSwinAdapter":
+        from transformers import AutoModelForImageClassification
+
+        kw = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
+        return cls(AutoModelForImageClassification.from_pretrained(source, **kw).eval())
+
+    # --- data ------------------------------------------------------------------------------------
+    def collate(self, examples: list[dict]) -> Batch:
+        return image_collate(examples)
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.model(pixel_values=batch["pixel_values"]).logits
+
+    def seq_len(self, batches: list[Batch]) -> float:
+        return float(self.grid[0] * self.grid[1])
+
+    # --- units -----------------------------------------------------------------------------------
+    def unit_counts(self) -> dict[str, list[int]]:
+        return {"heads": [sb.hf_head_count(b) for b in self.blocks],
+                "neurons": [int(b.mlp.fc1.out_features) for b in self.blocks]}
+
+    def _mask_targets(self, kind: str, layer: int) -> tuple[nn.Module, int]:
+        if kind not in self.unit_kinds:
+            raise OptinError(f"adapter hf-swin has no unit kind {kind!r} (kinds: heads, neurons)")
+        return sb.hf_mask_target(self.blocks[layer], kind)
+
+    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
+        return masked_inputs(masks, self._mask_targets)
+
+    def cost_model(self, seq_len: float | None = None) -> CostModel:
+        per = [sb.hf_block_macs(i) for i in self.infos]
+        proj = self.swin.embeddings.patch_embeddings.projection
+        fixed = self.grid[0] * self.grid[1] * proj.out_channels * proj.in_channels * math.prod(proj.kernel_size)
+        fixed += sb.hf_merging_macs(self.swin.encoder, self.grid)
+        if isinstance(self.model.classifier, nn.Linear):
+            fixed += self.model.classifier.in_features * self.model.classifier.out_features
+        return CostModel(per_unit={"heads": [h for h, _ in per], "neurons": [n for _, n in per]},
+                         counts=self.unit_counts(), fixed=float(fixed),
+                         notes={"tokens": float(self.grid[0] * self.grid[1])})
+
+    def unit_weights(self) -> dict[str, list[torch.Tensor]]:
+        return {"heads": [sb.hf_head_weights(b) for b in self.blocks],
+                "neurons": [sb.neuron_weights(b) for b in self.blocks]}
+
+    # --- trajectory ------------------------------------------------------------------------------
+    def _forward_from(self, x: torch.Tensor, z: int, skip_first: bool = False) -> torch.Tensor:
+        """Run blocks z.. (``skip_first``: x is already block z's output), the patch mergings after each
+        stage's last block, and the head (LayerNorm, average pool, classifier), as SwinModel does."""
+        stages = self.swin.encoder.layers
+        for i in range(z, len(self.infos)):
+            info = self.infos[i]
+            if not (skip_first and i == z):
+                x = info.block(x, info.resolution)[0]
+            stage = stages[info.stage]
+            if info.index == len(stage.blocks) - 1 and stage.downsample is not None:
+                x = stage.downsample(x, info.resolution)
+        x = self.swin.layernorm(x)
+        return self.model.classifier(torch.flatten(self.swin.pooler(x.transpose(1, 2)), 1))
+
+    @torch.no_grad()
+    def trace(self, batch: Batch) -> Trace:
+        starts, mids, emb, handles = {}, {}, {}, []
+        for i, b in enumerate(self.blocks):
+            handles.append(b.register_forward_pre_hook(
+                lambda m, a, k, i=i: starts.__setitem__(i, a[0] if a else k["hidden_states"]), with_kwargs=True))
+            handles.append(b.layernorm_after.register_forward_pre_hook(
+                lambda m, a, i=i: mids.__setitem__(i, a[0])))
+            handles.append(b.mlp.fc2.register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, o)))
+        try:
+            logits = self.logits(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        n = len(self.blocks)
+        return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
+                     state={"starts": [starts[i] for i in range(n)], "mids": [mids[i] for i in range(n)]})
+
+    @torch.no_grad()
+    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
+                 select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        reps = masks.shape[0]
+        collected: dict[int, torch.Tensor] = {}
+        handles = [self.blocks[z].mlp.fc2.register_forward_hook(
+            lambda m, a, o, z=z: collected.__setitem__(z, select(o))) for z in range(layer, len(self.blocks))]
+        module, size = self._mask_targets(kind, layer)
+        handles.append(module.register_forward_pre_hook(
+            lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
+        try:
+            if kind == "neurons":  # restart at the block's MLP from the cached residual
+                blk = self.blocks[layer]
+                x = trace.state["mids"][layer].repeat(reps, 1, 1)
+                x = blk.dropout(blk.mlp(blk.layernorm_after(x))) + x
+                logits = self._forward_from(x, layer, skip_first=True)
+            else:
+                logits = self._forward_from(trace.state["starts"][layer].repeat(reps, 1, 1), layer)
+        finally:
+            for h in handles:
+                h.remove()
+        return collected, logits
+
+    # --- physical removal and persistence --------------------------------------------------------
+    @torch.no_grad()
+    def prune(self, masks: UnitTensors) -> None:
+        for i, b in enumerate(self.blocks):
+            if "heads" in masks:
+                keep = kept(masks["heads"][i]).tolist()
+                sb.slice_hf_heads(b, keep)
+                track(self.kept_index, "heads", i, keep)
+            if "neurons" in masks:
+                keep = kept(masks["neurons"][i]).tolist()
+                sb.slice_hf_neurons(b, keep)
+                track(self.kept_index, "neurons", i, keep)
+
+    def plan(self) -> dict:
+        return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),
+                "unit_counts": self.unit_counts(), "kept_index": self.kept_index}
+
+    @classmethod
+    def rebuild(cls, plan: dict, directory: str) -> "HFSwinAdapter":
+        adapter = cls(hf_model_from_plan(plan))
+        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
+        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
+        return adapter

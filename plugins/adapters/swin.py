@@ -1,0 +1,257 @@
+"""Adapter for timm SwinTransformer image classifiers (Swin-T/S/B and custom sizes).
+
+Units: attention heads and MLP hidden neurons of every block of every stage; the layer index runs over
+the blocks in forward order (stage 0 block 0, stage 0 block 1, ..., last stage's last block). Heads are
+masked by scaling their slice of the window-attention output entering ``attn.proj`` (the same for timm's
+fused and unfused attention), neurons by scaling the activations entering ``mlp.fc2``. Removal slices
+``qkv``/``proj``/the relative position bias table and ``fc1``/``fc2`` (see ``swin_blocks``). The
+trajectory restarts the forward at a block from its cached input; a block's embedding is its ``mlp.fc2``
+output flattened to (B, H*W, D). MACs count window attention on the padded map, patch embedding, patch
+merging and the classifier.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from optin.contracts import Adapter, Batch, Trace
+from optin.errors import OptinError
+from optin.masking import apply_unit_mask, masked_inputs
+from optin.units import CostModel, UnitTensors
+
+from . import swin_blocks as sb
+from .common import first_k_masks, image_collate, kept, track
+
+
+def _blocks_of(model: nn.Module) -> list[tuple[int, int, nn.Module]] | None:
+    """(stage, index, block) of a timm SwinTransformer in forward order, or None if it is not one."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.Sequential) or not len(layers) or not hasattr(model, "patch_embed") \
+            or not hasattr(model, "forward_head"):
+        return None
+    out = []
+    for s, stage in enumerate(layers):
+        blocks = getattr(stage, "blocks", None)
+        if not isinstance(blocks, nn.Sequential) or not hasattr(stage, "downsample"):
+            return None
+        out += [(s, b, blk) for b, blk in enumerate(blocks)]
+    if not out:
+        return None
+    first = out[0][2]
+    attn, mlp = getattr(first, "attn", None), getattr(first, "mlp", None)
+    ok = all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "relative_position_bias_table")) \
+        and hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and hasattr(first, "input_resolution")
+    return out if ok else None
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, D) or (B, N, D) -> (B, N, D) (older timm runs the MLP on the 2-D map)."""
+    return x.flatten(1, -2) if x.dim() == 4 else x
+
+
+class SwinAdapter(Adapter):
+    """timm SwinTransformer classifiers: attention heads and MLP neurons of every block."""
+
+    name = "swin"
+    unit_kinds = ("heads", "neurons")
+
+    def __init__(self, model: nn.Module, processor: Any = None) -> None:
+        super().__init__(model, processor)
+        where = _blocks_of(model)
+        if where is None:
+            raise OptinError(f"{type(model).__name__} is not a timm SwinTransformer (layers[s].blocks[b].attn.qkv)")
+        self.where = [(s, b) for s, b, _ in where]
+        self.blocks = [blk for _, _, blk in where]
+        self.stage_len = [len(stage.blocks) for stage in model.layers]
+        self.head_dims = [sb.timm_head_dim(blk) for blk in self.blocks]
+        self.kept_index = {k: [list(range(n)) for n in ns] for k, ns in self.unit_counts().items()}
+
+    # --- discovery -------------------------------------------------------------------------------
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return _blocks_of(model) is not None
+
+    @classmethod
+    def claims(cls, source: str) -> bool:
+        if source.startswith("timm:"):
+            return source[5:].startswith("swin")
+        cfg = Path(source) / "config.json"
+        try:
+            return cfg.is_file() and json.loads(cfg.read_text()).get("timm_class") == "SwinTransformer"
+        except ValueError:
+            return False
+
+    @classmethod
+    def load(cls, source: str, num_labels: int | None = None) -> "SwinAdapter":
+        if source.startswith("timm:"):
+            import timm
+
+            name = source[5:]
+            try:
+                model = timm.create_model(name, pretrained=True, **({"num_classes": num_labels} if num_labels else {}))
+            except Exception as exc:
+                raise OptinError(f"cannot load timm model {name!r} with pretrained weights ({exc}); offline, "
+                                 "use a local folder with config.json + model.safetensors") from exc
+            cfg = model.pretrained_cfg or {}
+            return cls(model.eval(), {"timm_name": name, "num_classes": model.num_classes,
+                                      "mean": cfg.get("mean"), "std": cfg.get("std")})
+        from optin_plugins.zoo.vit_fmnist import load_timm_folder  # config.json (timm_class, model_args)
+
+        model = load_timm_folder(source)
+        if num_labels and num_labels != model.num_classes:
+            model.reset_classifier(num_labels)
+        return cls(model.eval(), json.loads((Path(source) / "config.json").read_text()))
+
+    # --- data ------------------------------------------------------------------------------------
+    def collate(self, examples: list[dict]) -> Batch:
+        return image_collate(examples)
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.model(batch["pixel_values"])
+
+    def seq_len(self, batches: list[Batch]) -> float:
+        h, w = self.blocks[0].input_resolution
+        return float(h * w)
+
+    # --- units -----------------------------------------------------------------------------------
+    def unit_counts(self) -> dict[str, list[int]]:
+        return {"heads": [int(b.attn.num_heads) for b in self.blocks],
+                "neurons": [int(b.mlp.fc1.out_features) for b in self.blocks]}
+
+    def _mask_targets(self, kind: str, layer: int) -> tuple[nn.Module, int]:
+        if kind not in self.unit_kinds:
+            raise OptinError(f"adapter swin has no unit kind {kind!r} (kinds: heads, neurons)")
+        return sb.timm_mask_target(self.blocks[layer], kind)
+
+    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
+        return masked_inputs(masks, self._mask_targets)
+
+    def cost_model(self, seq_len: float | None = None) -> CostModel:
+        heads, neurons = [], []
+        for blk, d in zip(self.blocks, self.head_dims):
+            h, w = blk.input_resolution
+            hc, nc = sb.window_block_macs(h, w, blk.mlp.fc2.out_features, d, blk.window_size)
+            heads.append(hc)
+            neurons.append(nc)
+        pe = self.model.patch_embed
+        gh, gw = pe.grid_size
+        fixed = gh * gw * pe.proj.out_channels * pe.proj.in_channels * math.prod(pe.proj.kernel_size)
+        for stage in self.model.layers:
+            red = getattr(stage.downsample, "reduction", None)
+            if isinstance(red, nn.Linear):
+                oh, ow = stage.output_resolution
+                fixed += oh * ow * red.in_features * red.out_features
+        fc = getattr(self.model.head, "fc", None)
+        if isinstance(fc, nn.Linear):
+            fixed += fc.in_features * fc.out_features
+        return CostModel(per_unit={"heads": heads, "neurons": neurons}, counts=self.unit_counts(),
+                         fixed=float(fixed), notes={"tokens": float(gh * gw)})
+
+    def unit_weights(self) -> dict[str, list[torch.Tensor]]:
+        return {"heads": [sb.timm_head_weights(b) for b in self.blocks],
+                "neurons": [sb.neuron_weights(b) for b in self.blocks]}
+
+    # --- trajectory ------------------------------------------------------------------------------
+    def _forward_from(self, x: torch.Tensor, z: int, skip_first: bool = False) -> torch.Tensor:
+        """Run blocks z.. (``skip_first``: x is already block z's output) and the head. ``x`` is block z's
+        input (after its stage's patch merging) as (B, H, W, C)."""
+        layers = self.model.layers
+        for i in range(z, len(self.blocks)):
+            s, b = self.where[i]
+            if b == 0 and i != z:
+                x = layers[s].downsample(x)
+            if not (skip_first and i == z):
+                x = self.blocks[i](x)
+        return self.model.forward_head(self.model.norm(x))
+
+    @torch.no_grad()
+    def trace(self, batch: Batch) -> Trace:
+        starts, mids, emb, handles = {}, {}, {}, []
+        for i, b in enumerate(self.blocks):
+            handles.append(b.register_forward_pre_hook(lambda m, a, i=i: starts.__setitem__(i, a[0])))
+            handles.append(b.norm2.register_forward_pre_hook(lambda m, a, i=i: mids.__setitem__(i, a[0])))
+            handles.append(b.mlp.fc2.register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, _flat(o))))
+        try:
+            logits = self.logits(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        n = len(self.blocks)
+        return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
+                     state={"starts": [starts[i] for i in range(n)], "mids": [mids[i] for i in range(n)]})
+
+    @torch.no_grad()
+    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
+                 select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        reps = masks.shape[0]
+        collected: dict[int, torch.Tensor] = {}
+        handles = [self.blocks[z].mlp.fc2.register_forward_hook(
+            lambda m, a, o, z=z: collected.__setitem__(z, select(_flat(o)))) for z in range(layer, len(self.blocks))]
+        module, size = self._mask_targets(kind, layer)
+        handles.append(module.register_forward_pre_hook(
+            lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
+        start = trace.state["starts"][layer]
+        start = start.repeat(reps, *([1] * (start.dim() - 1)))
+        try:
+            if kind == "neurons":  # restart inside the block: its MLP half only (timm's block forward)
+                blk = self.blocks[layer]
+                mid = trace.state["mids"][layer]
+                x = mid.repeat(reps, *([1] * (mid.dim() - 1)))
+                x = x + blk.drop_path2(blk.mlp(blk.norm2(x)))
+                logits = self._forward_from(x.reshape(start.shape), layer, skip_first=True)
+            else:
+                logits = self._forward_from(start, layer)
+        finally:
+            for h in handles:
+                h.remove()
+        return collected, logits
+
+    # --- physical removal and persistence --------------------------------------------------------
+    @torch.no_grad()
+    def prune(self, masks: UnitTensors) -> None:
+        for i, b in enumerate(self.blocks):
+            if "heads" in masks:
+                keep = kept(masks["heads"][i]).tolist()
+                sb.slice_timm_heads(b, keep)
+                track(self.kept_index, "heads", i, keep)
+            if "neurons" in masks:
+                keep = kept(masks["neurons"][i]).tolist()
+                sb.slice_timm_neurons(b, keep)
+                track(self.kept_index, "neurons", i, keep)
+
+    def plan(self) -> dict:
+        cfg = self.processor if isinstance(self.processor, dict) else {}
+        return {"timm_config": cfg, "unit_counts": self.unit_counts(), "kept_index": self.kept_index}
+
+    @classmethod
+    def rebuild(cls, plan: dict, directory: str) -> "SwinAdapter":
+        cfg = plan.get("timm_config") or {}
+        if "model_args" in cfg:
+            from optin_plugins.zoo.vit_fmnist import _timm_class
+
+            if cfg.get("timm_class") != "SwinTransformer":
+                raise OptinError(f"cannot rebuild timm class {cfg.get('timm_class')!r} with adapter swin "
+                                 "(supported: SwinTransformer)")
+            model = _timm_class("SwinTransformer")(**cfg["model_args"])
+        elif "timm_name" in cfg:
+            import timm
+
+            model = timm.create_model(cfg["timm_name"], pretrained=False, num_classes=cfg["num_classes"])
+        else:
+            raise OptinError("this pruned Swin was exported without its timm config (timm_class + model_args, or "
+                             "timm_name); pass the model with processor={'timm_class': 'SwinTransformer', "
+                             "'model_args': {...}} before pruning")
+        adapter = cls(model.eval(), cfg)
+        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
+        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
+        return adapter
+
+    def save_extras(self, directory: str) -> None:
+        if isinstance(self.processor, dict) and "model_args" in self.processor:
+            (Path(directory) / "config.json").write_text(json.dumps(self.processor, indent=2))
