@@ -240,6 +240,9 @@ def finetune(model: str, task: str | None, data: str | None, output: str, epochs
     from .train import finetune as train
 
     the_task = resolve_task(task, data, None)
+    if the_task.metric == "agreement":
+        raise OptinError(f"task {the_task.name!r} is unlabelled (it measures agreement with the unpruned model); "
+                         "fine-tuning needs a labelled task")
     candidates = [adapter] if adapter else [i.name for i in registry.plugins("adapter") if i.available]
     cls = next((registry.get("adapter", n) for n in candidates if registry.get("adapter", n).claims(model)), None)
     if cls is None:
