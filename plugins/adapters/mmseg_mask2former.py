@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import importlib.util
 import re
@@ -41,8 +42,10 @@ IGNORE = 255
 EPS = 1e-12
 
 
+@functools.lru_cache(maxsize=1)
 def _import_error() -> str | None:
-    """Why mmcv's compiled ops or mmseg cannot be imported here (None when they can)."""
+    """Why mmcv's compiled ops or mmseg cannot be imported here (None when they can). Cached: the import
+    costs seconds and ``optin list`` asks every plugin."""
     try:
         import mmcv.ops  # noqa: F401  (the compiled extension; mmseg's Mask2Former needs it via mmdet)
         import mmseg  # noqa: F401
@@ -186,7 +189,7 @@ class MMSegMask2FormerAdapter(Adapter):
                 text = path.read_text(errors="ignore")
             except OSError:
                 return False
-            return "mask2former" in path.name.lower() or "Mask2FormerHead" in text
+            return "mask2former" in path.name.lower() or "mask2former" in text.lower()
         return False
 
     @classmethod
