@@ -490,7 +490,8 @@ def _load_checkpoint(model: nn.Module, checkpoint: str, skip_mismatched: bool) -
     from mmengine.runner.checkpoint import _load_checkpoint as read
 
     try:
-        ckpt = read(checkpoint, map_location="cpu")
+        with _quiet():
+            ckpt = read(checkpoint, map_location="cpu")
     except Exception as exc:
         raise OptinError(f"cannot read checkpoint {checkpoint}: {exc}") from exc
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
