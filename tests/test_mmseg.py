@@ -6,7 +6,6 @@ The always-run check of the unavailable path is in test_mmseg_unavailable.py.
 """
 import copy
 import json
-import textwrap
 
 import pytest
 import torch
