@@ -27,7 +27,7 @@ from optin.contracts import Adapter, Batch, Trace
 from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
-from .common import image_collate, kept, track
+from .common import first_k_masks, image_collate, kept, track
 
 KIND = "channels"
 
@@ -366,8 +366,6 @@ class ConvChannelAdapter(Adapter):
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "ConvChannelAdapter":
-        from .common import first_k_masks
-
         try:
             model = cls.from_spec(plan["spec"])
         except (KeyError, TypeError, ValueError) as exc:
