@@ -51,6 +51,9 @@ class Adapter(ABC):
     # How the trajectory scorer compares embeddings: "manifold" (token embeddings (B, T, D), relation maps,
     # DESIGN 3.2) or "feature-mse" (CNN feature maps (B, C, H, W), batch-averaged, OPTIN A.10).
     trajectory_distance: ClassVar[str] = "manifold"
+    # Searcher options this model family needs by default (user options win; only options the chosen
+    # searcher takes are used), e.g. CNNs: {"normalize": "mean"} so layers compete by relative importance.
+    search_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
         self.model = model

@@ -108,6 +108,8 @@ def search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_le
     budget = check_budget(budget)
     values = scores.values if isinstance(scores, Scores) else scores
     costs = adapter.cost_model(seq_len)
+    accepted = registry.option_names(registry.get("searcher", searcher))
+    options = {**{k: v for k, v in adapter.search_defaults.items() if k in accepted}, **(options or {})}
     impl = registry.create("searcher", searcher, options)
     masks = impl.search(values, costs, budget)
     limit = getattr(impl, "unit_budget_for", lambda b: b)(budget)  # token searchers leave a part to tokens

@@ -45,6 +45,8 @@ class CostModel:
     fixed: float = 0.0
     notes: dict[str, float] = field(default_factory=dict)
     pairs: list[tuple[str, int, str, int, float]] = field(default_factory=list)
+    # Fewest units a layer of this kind may keep (e.g. 1 for conv channels: a conv cannot lose them all).
+    min_keep: dict[str, int] = field(default_factory=dict)
 
     def macs(self, kept: dict[str, list[int]] | None = None) -> float:
         kept = kept or self.counts

@@ -136,3 +136,49 @@ def test_photos_tasks_are_real_unlabelled_crops():
     assert len(train) >= 100 and len(test) >= 100
     assert not any(torch.equal(a["image"], b["image"]) for a, b in itertools.product(train[:5], test[:5]))
     assert get_task("photos-seg").target == "segmentation"
+
+
+def test_min_keep_of_the_cost_model_stops_an_uncoupled_search_from_emptying_a_layer():
+    costs = CostModel(per_unit={"channels": [1.0, 1.0]}, counts={"channels": [4, 4]}, min_keep={"channels": 1})
+    scores = {"channels": [torch.full((4,), 0.01), torch.ones(4)]}
+    masks = PTFSearcher().search(scores, costs, 0.5)
+    assert [int(m.sum()) for m in masks["channels"]] == [1, 3]
+    without = CostModel(per_unit={"channels": [1.0, 1.0]}, counts={"channels": [4, 4]})
+    assert int(PTFSearcher().search(scores, without, 0.5)["channels"][0].sum()) == 0
+
+
+def test_mean_normalisation_lets_layers_compete_by_relative_importance():
+    costs = _chain([4, 4])
+    # layer 1's scores are 100x smaller but its units 2 and 3 are, relative to their layer, the important ones
+    scores = {"channels": [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.001, 0.002, 0.05, 0.05])]}
+    plain = PTFSearcher().search(scores, costs, 0.5)
+    normed = PTFSearcher(normalize="mean").search(scores, costs, 0.5)
+    assert int(plain["channels"][1].sum()) == 1  # global ranking strips the small-scored layer
+    assert int(normed["channels"][1].sum()) >= 2 and normed["channels"][1][2:].sum() == 2
+    with pytest.raises(BudgetError, match="normalize"):
+        PTFSearcher(normalize="zscore")
+
+
+def test_adapters_search_defaults_reach_the_searcher_and_user_options_win(monkeypatch):
+    import optin.recipe as recipe
+
+    seen = []
+    real = recipe.registry.create
+
+    def spy(kind, name, options=None):
+        obj = real(kind, name, options)
+        if kind == "searcher":
+            seen.append(obj.normalize)
+        return obj
+
+    class _Cnn:
+        name, search_defaults = "fake-cnn", {"normalize": "mean", "not_a_ptf_option": 1}
+
+        def cost_model(self, seq_len):
+            return _chain([4, 4])
+
+    monkeypatch.setattr(recipe.registry, "create", spy)
+    scores = {"channels": [torch.rand(4), torch.rand(4)]}
+    recipe.search(_Cnn(), scores, 0.8, 1.0)
+    recipe.search(_Cnn(), scores, 0.8, 1.0, options={"normalize": "none"})
+    assert seen == ["mean", "none"]

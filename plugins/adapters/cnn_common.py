@@ -171,6 +171,7 @@ class ConvChannelAdapter(Adapter):
     unit_kinds = (KIND,)
     trajectory_distance = "feature-mse"
     output = "classes"
+    search_defaults = {"normalize": "mean"}  # conv scores differ by orders of magnitude from layer to layer
     default_image_size: tuple[int, int] = (224, 224)
 
     def __init__(self, model: nn.Module, processor: Any = None, image_size: int | tuple[int, int] | None = None
@@ -265,10 +266,7 @@ class ConvChannelAdapter(Adapter):
 
     def cost_model(self, seq_len: float | None = None) -> CostModel:
         costs = cost_from_ops(self._ops(self.hw()), self.unit_counts()[KIND])
-        if not costs.pairs:
-            # A zero-cost pair marks the model as coupled: the ptf searcher then removes channels one by one and
-            # keeps at least one per layer (a conv cannot lose all its channels; its uncoupled fill may empty one).
-            costs.pairs.append((KIND, 0, KIND, 0, 0.0))
+        costs.min_keep[KIND] = 1  # a conv cannot lose all its output channels
         costs.notes["image_size"] = float(self.hw()[0])
         return costs
 

@@ -5,9 +5,13 @@ the budget leaves on the most important remaining units (neurons, channels) that
 whose kept importances sum highest. Without a "heads" kind this is a greedy fill by importance.
 
 CNN cost models couple layers (a convolution costs in proportion to its kept input x output channels,
-``CostModel.pairs``), so a unit's cost depends on what else is kept. There the search removes units in
-ascending importance, updating each removal's exact saving, until the MACs fit; every layer keeps at
-least ``min_keep`` units (a convolution cannot lose all its channels).
+``CostModel.pairs``), so a unit's cost depends on what else is kept. There (and wherever the cost model
+sets a per-kind ``min_keep``) the search removes units in ascending importance, updating each removal's
+exact saving, until the MACs fit; every layer keeps at least ``min_keep`` units.
+
+``normalize="mean"`` divides every layer's scores by that layer's mean first, so that layers compete by
+relative importance (scores of early and late CNN layers differ by orders of magnitude, and a global
+ranking would empty the late layers); CNN adapters ask for it through ``Adapter.search_defaults``.
 """
 from __future__ import annotations
 
@@ -38,10 +42,18 @@ def greedy_fill(scores: torch.Tensor, costs: torch.Tensor, capacity: float) -> t
     return order[: int(fits.sum())]
 
 
+def layer_normalized(scores: torch.Tensor) -> torch.Tensor:
+    """One layer's scores divided by their mean (unchanged when the mean is not positive)."""
+    mean = scores.float().mean() if scores.numel() else torch.tensor(0.0)
+    return scores / mean if mean > 0 else scores
+
+
 def greedy_prune(order: list[int], where: list[tuple[str, int, int]], costs: CostModel, capacity: float,
-                 min_keep: int = 1) -> set[int]:
+                 min_keep: int | dict[str, int] = 1) -> set[int]:
     """Flat indices removed when dropping units in ``order`` (least important first) until the MACs are at
-    most ``capacity``; each removal saves its exact marginal MACs given what is still kept."""
+    most ``capacity``; each removal saves its exact marginal MACs given what is still kept. ``min_keep``
+    (one number, or one per kind) is the fewest units a layer keeps."""
+    floor = (lambda kind: min_keep) if isinstance(min_keep, int) else (lambda kind: min_keep.get(kind, 0))
     kept = {k: list(v) for k, v in costs.counts.items()}
     current = costs.macs(kept)
     removed: set[int] = set()
@@ -49,13 +61,14 @@ def greedy_prune(order: list[int], where: list[tuple[str, int, int]], costs: Cos
         if current <= capacity + 1e-6:
             break
         kind, layer, _ = where[idx]
-        if kept[kind][layer] <= min_keep:
+        if kept[kind][layer] <= floor(kind):
             continue
         current -= costs.removal_cost(kept, kind, layer)
         kept[kind][layer] -= 1
         removed.add(idx)
     if current > capacity + 1e-6:
-        raise BudgetError(f"cannot reach the budget while keeping {min_keep} unit(s) per layer: the smallest model "
+        least = min_keep if isinstance(min_keep, int) else max(min_keep.values(), default=0)
+        raise BudgetError(f"cannot reach the budget while keeping {least} unit(s) per layer: the smallest model "
                           f"has {current / costs.macs():.3f} of the MACs; raise the budget")
     return removed
 
@@ -87,10 +100,13 @@ class PTFSearcher(Searcher):
 
     name = "ptf"
 
-    def __init__(self, min_keep: int = 1) -> None:
+    def __init__(self, min_keep: int = 1, normalize: str = "none") -> None:
         if int(min_keep) < 0:
             raise BudgetError(f"min_keep must be >= 0, got {min_keep}")
+        if normalize not in ("none", "mean"):
+            raise BudgetError(f"normalize must be 'none' or 'mean', got {normalize!r}")
         self.min_keep = int(min_keep)
+        self.normalize = normalize
 
     def search(self, scores: UnitTensors, costs: CostModel, budget: float) -> UnitTensors:
         capacity = budget * costs.macs() - costs.fixed
@@ -98,7 +114,9 @@ class PTFSearcher(Searcher):
             raise BudgetError(f"budget {budget} is below the MACs no unit accounts for "
                               f"({costs.fixed / costs.macs():.3f} of the model); raise the budget")
         kinds = [k for k in costs.per_unit if k in scores]
-        if costs.pairs:
+        if self.normalize == "mean":
+            scores = {k: [layer_normalized(t) for t in v] for k, v in scores.items()}
+        if costs.pairs or costs.min_keep:
             return self._search_coupled(scores, costs, kinds, budget * costs.macs())
         heads = ["heads"] if "heads" in kinds else []
         others = [k for k in kinds if k not in heads]
@@ -118,7 +136,8 @@ class PTFSearcher(Searcher):
     def _search_coupled(self, scores: UnitTensors, costs: CostModel, kinds: list[str], capacity: float) -> UnitTensors:
         flat, _, where = _flatten(scores, costs, kinds)
         order = torch.argsort(flat, stable=True).tolist()
-        removed = greedy_prune(order, where, costs, capacity, max(1, self.min_keep))
+        floors = {k: max(self.min_keep, costs.min_keep.get(k, 0)) for k in kinds}
+        removed = greedy_prune(order, where, costs, capacity, floors)
         masks = {k: [torch.ones(t.numel()) for t in scores[k]] for k in kinds}
         for idx in removed:
             kind, layer, i = where[idx]
