@@ -4,7 +4,9 @@ per scorer. Used for the CNN (VGG, MobileNetV2) and segmentation (Mask2Former) t
 Each scorer scores the model once (cached in the results folder, so an interrupted benchmark resumes);
 every budget reuses those scores. Columns: the task's metric (accuracy / mIoU against labels), the
 fidelity to the unpruned model (top-1 agreement for classifiers, mIoU of the pruned model's prediction
-against the unpruned one's for segmentation), the MACs kept, and the latency ratio (pruned / unpruned,
+against the unpruned one's for segmentation), both after BatchNorm recalibration on the calibration
+images where the adapter offers it (CNNs; ``optin run``'s default) and without it, the MACs kept, and the
+latency ratio (pruned / unpruned,
 median of interleaved timings on one batch, in one process).
 
     python benchmarks/model_budgets.py --model vgg-fmnist --task fashion-mnist
@@ -72,12 +74,15 @@ def main() -> None:
             pruned = copy.deepcopy(ad)
             masks, costs = search(pruned, scores, budget, ad.seq_len(evals))
             pruned.prune(masks)
-            metric = evaluate(pruned, evals, task.metric, ad)
-            fidelity = evaluate(pruned, evals, "agreement", ad)
+            raw = {"metric": evaluate(pruned, evals, task.metric, ad), "fidelity": evaluate(pruned, evals, "agreement", ad)}
+            recalibrated = pruned.recalibrate(calib)  # what `optin run` does by default (--recalibrate)
+            metric = evaluate(pruned, evals, task.metric, ad) if recalibrated else raw["metric"]
+            fidelity = evaluate(pruned, evals, "agreement", ad) if recalibrated else raw["fidelity"]
             speed = throughput({"before": lambda: ad.logits(bench), "after": lambda: pruned.logits(bench)},
                                examples=ad.batch_size(bench), repeats=10, min_seconds=2.0)
             row = {"scorer": scorer, "budget": budget, "metric": metric, "metric_before": base_metric,
-                   "fidelity": fidelity, "macs_ratio": costs.macs_of_masks(masks) / costs0.macs(),
+                   "fidelity": fidelity, "recalibrated": recalibrated, "metric_no_recalibration": raw["metric"],
+                   "fidelity_no_recalibration": raw["fidelity"], "macs_ratio": costs.macs_of_masks(masks) / costs0.macs(),
                    "latency_ratio": speed["before"] / speed["after"], "speedup": speed["after"] / speed["before"],
                    "params_ratio": params(pruned.model) / params(ad.model), "seconds_scoring": seconds,
                    "kept": {k: sum(v) for k, v in pruned.unit_counts().items()},

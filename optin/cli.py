@@ -169,6 +169,9 @@ def prune_options(fn):
                      help="Fraction of MACs to keep, in (0, 1]."),
         click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1)),
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,
+                     help="After removal, re-estimate normalisation statistics on the calibration data where "
+                          "the adapter can (CNNs: BatchNorm running stats; no gradients)."),
     ]):
         fn = d(fn)
     return fn

@@ -144,6 +144,12 @@ class Adapter(ABC):
     def save_extras(self, directory: str) -> None:
         """Save non-weight artifacts (e.g. the tokenizer) next to the weights."""
 
+    def recalibrate(self, batches: list[Batch]) -> bool:
+        """Optional, after physical removal: re-estimate statistics that removal made stale (CNNs: the
+        BatchNorm running mean/variance, whose inputs lost channels upstream) from ``batches``, with no
+        gradients. Returns True when something was re-estimated."""
+        return False
+
     # --- token reduction -------------------------------------------------------------------------
     has_tokens: ClassVar[bool] = False
 

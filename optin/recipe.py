@@ -215,7 +215,7 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
         scorer: str = "trajectory", searcher: str = "ptf", reducer: str | None = None, budget: float = 0.6,
         output: str | Path = "optin-output", scores_file: str | Path | None = None, seed: int = 0,
         calib_size: int = 128, eval_size: int = 1000, batch_size: int = 64, adapter: str | None = None,
-        options: dict | None = None, score_only: bool = False) -> dict:
+        options: dict | None = None, score_only: bool = False, recalibrate: bool = True) -> dict:
     """The CLI's job: prune ``model`` on ``task`` and write the pruned model and ``report.json``."""
     t_start = time.perf_counter()
     budget = check_budget(budget)
@@ -283,6 +283,7 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
         masks = {k: [torch.ones(n) for n in ns] for k, ns in ad.unit_counts().items()}
     ad.prune(masks)
     diff = _max_diff(original, masks, ad, evals[0])
+    recalibrated = bool(recalibrate) and ad.recalibrate(calib)  # after the removal == masking check
     removals = None
     macs_after = costs.macs_of_masks(masks)
     if reducer is not None:
@@ -305,7 +306,7 @@ def run(model: str | None, *, task: str | Task | None = None, data: str | None =
         "throughput_before": speed["before"], "throughput_after": speed["after"],
         "speedup": speed["after"] / speed["before"], "throughput_batch": ad.batch_size(bench),
         "seconds_scoring": seconds_scoring, "seconds_total": time.perf_counter() - t_start,
-        "max_abs_diff_vs_masked": diff, "kept": kept_counts(masks), "total": counts_of(masks),
+        "max_abs_diff_vs_masked": diff, "recalibrated": recalibrated, "kept": kept_counts(masks), "total": counts_of(masks),
         "token_removals": removals, "options": options, "optin_version": __version__,
         "date": _dt.date.today().isoformat(),
     }

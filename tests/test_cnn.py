@@ -251,3 +251,36 @@ def test_train_vgg_runs_a_few_steps():
     log = train_vgg(model, task, epochs=1, batch_size=32, max_steps=3)
     assert log["steps"] == 3 and not model.training
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_batchnorm_recalibration_matches_the_statistics_of_the_pruned_model():
+    """After removal, recalibration sets every BatchNorm's running stats to the batch statistics of its
+    input in the pruned model (one batch: exactly its mean and unbiased variance), touching no weights."""
+    from optin_plugins.adapters.cnn_common import recalibrate_batchnorm
+    from optin_plugins.adapters.vgg import VggAdapter, cifar_vgg16_bn
+
+    torch.manual_seed(0)
+    ad = VggAdapter(cifar_vgg16_bn(num_classes=10, in_chans=3, width=0.125).eval(), image_size=32)
+    batch = {"pixel_values": torch.randn(16, 3, 32, 32)}
+    masks = {"channels": [(torch.rand(n) > 0.4).float() for n in ad.unit_counts()["channels"]]}
+    for m in masks["channels"]:
+        m[0] = 1.0
+    ad.prune(masks)
+    weights = {k: v.clone() for k, v in ad.model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    seen = {}
+    bns = [m for m in ad.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [bn.register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
+             for i, bn in enumerate(bns)]
+    assert ad.recalibrate([batch]) is True
+    for h in hooks:
+        h.remove()
+    for i, bn in enumerate(bns):
+        x = seen[i].transpose(0, 1).flatten(1)
+        assert torch.allclose(bn.running_mean, x.mean(1), atol=1e-5)
+        assert torch.allclose(bn.running_var, x.var(1, unbiased=True), atol=1e-4, rtol=1e-4)
+        assert not bn.training and bn.momentum == 0.1
+    assert not ad.model.training
+    for k, v in ad.model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k
+    assert recalibrate_batchnorm(torch.nn.Linear(2, 2), lambda b: None, [batch]) is False

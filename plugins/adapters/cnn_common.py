@@ -75,6 +75,35 @@ def scale_channels(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (shaped * m.view(reps, 1, -1, *tail)).reshape(x.shape)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, forward: Callable[[Batch], Any], batches: list[Batch]) -> bool:
+    """Reset the running mean/variance of every BatchNorm and re-estimate them as a plain average over
+    ``batches`` (only the BatchNorm layers run in training mode; no gradients, no weight changes).
+
+    Removing channels changes what later layers receive, so their stored statistics no longer match; this
+    is the standard retraining-free repair after channel pruning. Returns False when there is no BatchNorm.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or not batches:
+        return False
+    was_training = model.training
+    saved = [(m, m.momentum, m.training) for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    try:
+        for batch in batches:
+            forward(batch)
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return True
+
+
 def as_hw(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
     """``image_size`` as (H, W)."""
     if size is None:
@@ -236,6 +265,10 @@ class ConvChannelAdapter(Adapter):
         if batches:
             self._see(batches[0])
         return 1.0
+
+    def recalibrate(self, batches: list[Batch]) -> bool:
+        """Re-estimate every BatchNorm's running statistics on ``batches`` (see ``recalibrate_batchnorm``)."""
+        return recalibrate_batchnorm(self.model, lambda b: self.logits(b), batches)
 
     # --- units ---------------------------------------------------------------------------------------
     def unit_counts(self) -> dict[str, list[int]]:
