@@ -23,7 +23,7 @@ from optin.masking import apply_unit_mask, masked_inputs
 from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
-from .common import first_k_masks, hf_model_from_plan, image_collate, kept, track
+from .common import first_k_masks, hf_model_from_plan, image_collate
 
 
 def _swin_of(model: nn.Module) -> nn.Module | None:
@@ -187,15 +187,7 @@ class HFSwinAdapter(Adapter):
     # --- physical removal and persistence --------------------------------------------------------
     @torch.no_grad()
     def prune(self, masks: UnitTensors) -> None:
-        for i, b in enumerate(self.blocks):
-            if "heads" in masks:
-                keep = kept(masks["heads"][i]).tolist()
-                sb.slice_hf_heads(b, keep)
-                track(self.kept_index, "heads", i, keep)
-            if "neurons" in masks:
-                keep = kept(masks["neurons"][i]).tolist()
-                sb.slice_hf_neurons(b, keep)
-                track(self.kept_index, "neurons", i, keep)
+        sb.prune_blocks(self.blocks, masks, self.kept_index, sb.slice_hf_heads, sb.slice_hf_neurons)
 
     def plan(self) -> dict:
         return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),

@@ -25,7 +25,7 @@ from optin.masking import apply_unit_mask, masked_inputs
 from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
-from .common import first_k_masks, image_collate, kept, track
+from .common import first_k_masks, image_collate
 
 
 def _blocks_of(model: nn.Module) -> list[tuple[int, int, nn.Module]] | None:
@@ -215,15 +215,7 @@ class SwinAdapter(Adapter):
     # --- physical removal and persistence --------------------------------------------------------
     @torch.no_grad()
     def prune(self, masks: UnitTensors) -> None:
-        for i, b in enumerate(self.blocks):
-            if "heads" in masks:
-                keep = kept(masks["heads"][i]).tolist()
-                sb.slice_timm_heads(b, keep)
-                track(self.kept_index, "heads", i, keep)
-            if "neurons" in masks:
-                keep = kept(masks["neurons"][i]).tolist()
-                sb.slice_timm_neurons(b, keep)
-                track(self.kept_index, "neurons", i, keep)
+        sb.prune_blocks(self.blocks, masks, self.kept_index, sb.slice_timm_heads, sb.slice_timm_neurons)
 
     def plan(self) -> dict:
         cfg = self.processor if isinstance(self.processor, dict) else {}

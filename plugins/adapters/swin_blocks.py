@@ -24,7 +24,7 @@ from torch import nn
 
 from optin.surgery import head_rows, slice_linear
 
-from .common import slice_mlp
+from .common import kept, slice_mlp, track
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -233,3 +233,15 @@ def hf_merging_macs(encoder: nn.Module, grid: tuple[int, int]) -> float:
             red = stage.downsample.reduction
             total += h * w * red.in_features * red.out_features
     return total
+
+
+def prune_blocks(blocks: list[nn.Module], masks: dict[str, list[torch.Tensor]], kept_index: dict[str, list[list[int]]],
+                 slice_heads: Any, slice_neurons: Any) -> None:
+    """Physically remove the masked heads/neurons of every block with the library's slicing functions
+    (``slice_hf_*`` or ``slice_timm_*``) and record the original indices kept (for the export plan)."""
+    for i, block in enumerate(blocks):
+        for kind, slice_fn in (("heads", slice_heads), ("neurons", slice_neurons)):
+            if kind in masks:
+                keep = kept(masks[kind][i]).tolist()
+                slice_fn(block, keep)
+                track(kept_index, kind, i, keep)
