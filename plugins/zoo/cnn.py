@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -25,11 +24,12 @@ from torch import nn
 from optin.errors import OptinError
 from optin.hooks import hookimpl
 from optin.models import NamedModel, cache_dir
-from optin.progress import bar, say
+from optin.progress import say
 from optin.tasks import Task, get_task
 
 from ..adapters.cnn_common import save_cnn_folder
 from ..adapters.vgg import cifar_vgg16_bn
+from .training import decay_groups, train_steps
 from .vit_fmnist import MEAN, STD, augment, evaluate_vit, task_tensors
 
 VGG_NAME, VGG_TASK = "vgg-fmnist", "fashion-mnist"
@@ -57,40 +57,17 @@ def train_vgg(model: nn.Module, task: Task, epochs: float = 1.0, lr: float = 0.1
     total = max(1, round(steps_per_epoch * epochs))
     if max_steps:
         total = min(total, max_steps)
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=lr, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(decay_groups(model, weight_decay, lambda name, p: p.dim() > 1), lr=lr, momentum=0.9,
+                          nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
-    gen = torch.Generator().manual_seed(seed + 1)
-    model.train()
-    losses: list[float] = []
-    step, start = 0, time.perf_counter()
-    with bar(f"training on {task.name}", total=total) as (advance, _):
-        while step < total:
-            order = torch.randperm(n, generator=gen)
-            for i in range(0, n, batch_size):
-                if step >= total:
-                    break
-                idx = order[i:i + batch_size]
-                xb = augment(x[idx], gen) if augmentation else x[idx]
-                loss = F.cross_entropy(model(xb), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                step += 1
-                advance(1)
-    seconds = time.perf_counter() - start
-    model.eval()
-    tail = losses[-50:]
-    return {"steps": total, "epochs": total / steps_per_epoch, "seconds": round(seconds, 1),
-            "final_loss": sum(tail) / len(tail),
-            "loss_curve": [round(sum(c) / len(c), 4) for c in (losses[i:i + 50] for i in range(0, len(losses), 50))],
-            "examples": n, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
-            "optimizer": "sgd-nesterov-onecycle", "augmentation": augmentation, "seed": seed,
-            "threads": torch.get_num_threads()}
+
+    def loss_of(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        xb = augment(x[idx], gen) if augmentation else x[idx]
+        return F.cross_entropy(model(xb), y[idx])
+
+    log = train_steps(model, opt, sched, loss_of, n, total, batch_size, seed, f"training on {task.name}")
+    return {**log, "epochs": total / steps_per_epoch, "lr": lr, "weight_decay": weight_decay,
+            "optimizer": "sgd-nesterov-onecycle", "augmentation": augmentation}
 
 
 def _publish(tmp: Path, target: Path) -> str:

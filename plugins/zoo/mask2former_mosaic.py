@@ -13,19 +13,18 @@ The ``mask2former`` adapter loads that folder (``config.json`` says model_type "
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from optin.hooks import hookimpl
 from optin.models import NamedModel, cache_dir
-from optin.progress import bar, say
+from optin.progress import say
 from optin.tasks import Task, get_task
+
+from .training import decay_groups, train_steps, warmup_cosine
 
 NAME = "m2f-mosaic"
 TASK = "fmnist-mosaic"
@@ -91,51 +90,22 @@ def train_mask2former(adapter, task: Task, steps: int, lr: float = 5e-4, batch_s
     total = max(1, int(steps))
     warmup = max(1, int(total * warmup_fraction))
     model = adapter.model
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and "embedder" not in name and "level_embed" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr)
+    groups = decay_groups(model, weight_decay,
+                          lambda name, p: p.dim() >= 2 and "embedder" not in name and "level_embed" not in name)
+    opt = torch.optim.AdamW(groups, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup))
 
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    def loss_of(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        xb, yb = x[idx], y[idx]
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        yb = torch.where(flip[:, None, None], yb.flip(-1), yb)
+        return adapter.loss({"pixel_values": xb, "masks": yb})
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    gen = torch.Generator().manual_seed(seed + 1)
-    model.train()
-    losses: list[float] = []
-    step, start = 0, time.perf_counter()
-    with bar(f"training on {task.name}", total=total) as (advance, _):
-        while step < total:
-            order = torch.randperm(n, generator=gen)
-            for i in range(0, n - batch_size + 1, batch_size):
-                if step >= total:
-                    break
-                idx = order[i:i + batch_size]
-                xb, yb = x[idx], y[idx]
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-                yb = torch.where(flip[:, None, None], yb.flip(-1), yb)
-                loss = adapter.loss({"pixel_values": xb, "masks": yb})
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                step += 1
-                advance(1)
-    seconds = time.perf_counter() - start
-    model.eval()
-    tail = losses[-50:]
-    return {"steps": total, "epochs": total * batch_size / n, "seconds": round(seconds, 1),
-            "final_loss": sum(tail) / len(tail),
-            "loss_curve": [round(sum(c) / len(c), 3) for c in (losses[i:i + 50] for i in range(0, len(losses), 50))],
-            "examples": n, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
-            "warmup_fraction": warmup_fraction, "seed": seed, "threads": torch.get_num_threads()}
+    log = train_steps(model, opt, sched, loss_of, n, total, batch_size, seed, f"training on {task.name}", clip=1.0,
+                      drop_last=True)
+    return {**log, "epochs": total * batch_size / n, "lr": lr, "weight_decay": weight_decay,
+            "warmup_fraction": warmup_fraction}
 
 
 def build(name: str = NAME) -> str:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -22,8 +21,10 @@ from torch import nn
 from optin.errors import OptinError
 from optin.hooks import hookimpl
 from optin.models import NamedModel, cache_dir
-from optin.progress import bar, say
+from optin.progress import say
 from optin.tasks import Task, get_task
+
+from .training import decay_groups, train_steps, warmup_cosine
 
 NAME = "vit-fmnist"
 TASK = "fashion-mnist"
@@ -147,49 +148,18 @@ def train_vit(model: nn.Module, task: Task, epochs: float, lr: float = 1e-3, bat
     if max_steps:
         total = min(total, max_steps)
     warmup = max(1, int(total * warmup_fraction))
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:  # no weight decay on biases, norms, position embeddings and the class token
-            (decay if p.dim() >= 2 and not name.endswith(("pos_embed", "cls_token")) else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.999))
+    # no weight decay on biases, norms, position embeddings and the class token
+    groups = decay_groups(model, weight_decay, lambda name, p: p.dim() >= 2 and not name.endswith(("pos_embed", "cls_token")))
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup))
 
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    def loss_of(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        xb = augment(x[idx], gen) if augmentation else x[idx]
+        return F.cross_entropy(model(xb), y[idx])
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    gen = torch.Generator().manual_seed(seed + 1)
-    model.train()
-    losses: list[float] = []
-    step, start = 0, time.perf_counter()
-    with bar(f"training on {task.name}", total=total) as (advance, _):
-        while step < total:
-            order = torch.randperm(n, generator=gen)
-            for i in range(0, n, batch_size):
-                if step >= total:
-                    break
-                idx = order[i:i + batch_size]
-                xb = augment(x[idx], gen) if augmentation else x[idx]
-                loss = F.cross_entropy(model(xb), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                step += 1
-                advance(1)
-    seconds = time.perf_counter() - start
-    model.eval()
-    tail = losses[-50:]
-    return {"steps": total, "epochs": total / steps_per_epoch, "seconds": round(seconds, 1),
-            "final_loss": sum(tail) / len(tail),
-            "loss_curve": [round(sum(c) / len(c), 4) for c in (losses[i:i + 50] for i in range(0, len(losses), 50))],
-            "examples": n, "lr": lr, "batch_size": batch_size,
-            "weight_decay": weight_decay, "warmup_fraction": warmup_fraction, "augmentation": augmentation,
-            "seed": seed, "threads": torch.get_num_threads()}
+    log = train_steps(model, opt, sched, loss_of, n, total, batch_size, seed, f"training on {task.name}", clip=1.0)
+    return {**log, "epochs": total / steps_per_epoch, "lr": lr, "weight_decay": weight_decay,
+            "warmup_fraction": warmup_fraction, "augmentation": augmentation}
 
 
 def build(name: str = NAME) -> str:
