@@ -52,3 +52,20 @@ def hf_model_from_plan(plan: dict) -> nn.Module:
         raise OptinError(f"unknown model class {plan['model_class']!r} in the plan")
     cfg = dict(plan["config"])
     return model_cls(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).eval()
+
+
+class HFImageClassifier:
+    """Loading, batching and logits shared by the adapters of HF ``*ForImageClassification`` models."""
+
+    @classmethod
+    def load(cls, source: str, num_labels: int | None = None):
+        from transformers import AutoModelForImageClassification
+
+        kw = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
+        return cls(AutoModelForImageClassification.from_pretrained(source, **kw).eval())
+
+    def collate(self, examples: list[dict]) -> Batch:
+        return image_collate(examples)
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self.model(pixel_values=batch["pixel_values"]).logits

@@ -23,7 +23,7 @@ from optin.masking import apply_unit_mask, masked_inputs
 from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
-from .common import first_k_masks, hf_model_from_plan, image_collate
+from .common import HFImageClassifier, first_k_masks, hf_model_from_plan
 
 
 def _swin_of(model: nn.Module) -> nn.Module | None:
@@ -41,7 +41,7 @@ def _swin_of(model: nn.Module) -> nn.Module | None:
     return swin if ok else None
 
 
-class HFSwinAdapter(Adapter):
+class HFSwinAdapter(HFImageClassifier, Adapter):
     """HF transformers SwinForImageClassification: attention heads and MLP neurons of every block."""
 
     name = "hf-swin"
@@ -81,20 +81,6 @@ class HFSwinAdapter(Adapter):
             return False
         archs = data.get("architectures") or ["SwinForImageClassification"]
         return data.get("model_type") == "swin" and "SwinForImageClassification" in archs
-
-    @classmethod
-    def load(cls, source: str, num_labels: int | None = None) -> "HFSwinAdapter":
-        from transformers import AutoModelForImageClassification
-
-        kw = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
-        return cls(AutoModelForImageClassification.from_pretrained(source, **kw).eval())
-
-    # --- data ------------------------------------------------------------------------------------
-    def collate(self, examples: list[dict]) -> Batch:
-        return image_collate(examples)
-
-    def logits(self, batch: Batch) -> torch.Tensor:
-        return self.model(pixel_values=batch["pixel_values"]).logits
 
     def seq_len(self, batches: list[Batch]) -> float:
         return float(self.grid[0] * self.grid[1])

@@ -21,7 +21,7 @@ from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
 from .bert import _Replay
-from .common import first_k_masks, hf_model_from_plan, image_collate, kept, slice_mlp, track
+from .common import HFImageClassifier, first_k_masks, hf_model_from_plan, kept, slice_mlp, track
 
 HF_VISION = {"vit", "deit"}
 
@@ -49,7 +49,7 @@ class _NoHeads(nn.Module):
         return self.o_proj(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
 
 
-class HFVitAdapter(Adapter):
+class HFVitAdapter(HFImageClassifier, Adapter):
     """HF transformers ViT/DeiT image classifiers: attention heads and MLP neurons."""
 
     name = "hf-vit"
@@ -79,19 +79,6 @@ class HFVitAdapter(Adapter):
             return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in HF_VISION
         except ValueError:
             return False
-
-    @classmethod
-    def load(cls, source: str, num_labels: int | None = None) -> "HFVitAdapter":
-        from transformers import AutoModelForImageClassification
-
-        kw = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
-        return cls(AutoModelForImageClassification.from_pretrained(source, **kw).eval())
-
-    def collate(self, examples: list[dict]) -> Batch:
-        return image_collate(examples)
-
-    def logits(self, batch: Batch) -> torch.Tensor:
-        return self.model(pixel_values=batch["pixel_values"]).logits
 
     def seq_len(self, batches: list[Batch]) -> float:
         return float(self.n_tokens)
