@@ -19,6 +19,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
     ap.add_argument("--scorers", nargs="+", default=["trajectory", "magnitude", "random"])
     ap.add_argument("--options", default="{}", help="scorer options as JSON, e.g. '{\"neuron_group\": 4}'")
+    ap.add_argument("--search-options", default="{}",
+                    help="searcher options as JSON (over the adapter's defaults), e.g. '{\"normalize\": \"none\"}'")
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--eval-size", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=50)
@@ -55,6 +58,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     options = json.loads(args.options)
+    search_options = json.loads(args.search_options)
     ad = load_model(args.model)
     ad.model.eval()
     task = get_task(args.task)
@@ -72,7 +76,7 @@ def main() -> None:
                                         args.seed)
         for budget in args.budgets:
             pruned = copy.deepcopy(ad)
-            masks, costs = search(pruned, scores, budget, ad.seq_len(evals))
+            masks, costs = search(pruned, scores, budget, ad.seq_len(evals), options=search_options)
             pruned.prune(masks)
             raw = {"metric": evaluate(pruned, evals, task.metric, ad), "fidelity": evaluate(pruned, evals, "agreement", ad)}
             recalibrated = pruned.recalibrate(calib)  # what `optin run` does by default (--recalibrate)
@@ -93,8 +97,8 @@ def main() -> None:
               "adapter": ad.name, "calibration_examples": args.calib_size,
               "eval_examples": sum(ad.batch_size(b) for b in evals), "batch_size": args.batch_size,
               "macs_before": costs0.macs(), "params_before": params(ad.model), "threads": torch.get_num_threads(),
-              "options": options, "rows": rows,
-              "command": "python benchmarks/model_budgets.py " + " ".join(sys.argv[1:])}
+              "options": options, "search_options": search_options, "rows": rows,
+              "command": "python benchmarks/model_budgets.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     (out / f"model_budgets-{name}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"model_budgets-{name}.png")
 

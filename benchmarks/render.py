@@ -53,11 +53,36 @@ def configs_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def model_budgets_table(result: dict) -> str:
+    """CNN / segmentation benchmark: metric, fidelity and latency per scorer and budget."""
+    budgets = sorted({r["budget"] for r in result["rows"]}, reverse=True)
+    scorers = list(dict.fromkeys(r["scorer"] for r in result["rows"]))
+    cell = {(r["scorer"], r["budget"]): r for r in result["rows"]}
+    metric = result["metric"]
+    recal = any(r.get("recalibrated") for r in result["rows"])
+    lines = [f"Unpruned {metric}: **{result['rows'][0]['metric_before']:.4f}** ({result['eval_examples']} test "
+             f"examples, {result['macs_before'] / 1e6:.1f} M MACs). Cells: {metric}"
+             + (" after BatchNorm recalibration [without]" if recal else "")
+             + " / fidelity to the unpruned model / latency ratio (pruned ÷ unpruned).", "",
+             "| scorer | " + " | ".join(f"budget {b} (MACs {cell[(scorers[0], b)]['macs_ratio']:.2f})" for b in budgets)
+             + " |", "|---|" + "---|" * len(budgets)]
+    for s in scorers:
+        row = []
+        for b in budgets:
+            r = cell[(s, b)]
+            raw = f" [{r['metric_no_recalibration']:.3f}]" if r.get("recalibrated") else ""
+            row.append(f"{r['metric']:.3f}{raw} / {r['fidelity']:.3f} / {r['latency_ratio']:.2f}")
+        lines.append(f"| {s} ({cell[(s, budgets[0])]['seconds_scoring']:.0f} s) | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         result = json.loads(open(path).read())
         if "rows" not in result:
             print(json.dumps(result, indent=2))
+        elif "fidelity" in result["rows"][0]:
+            print(model_budgets_table(result))
         elif "config" in result["rows"][0]:
             print(configs_table(result))
         else:
