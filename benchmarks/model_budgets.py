@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bert_budgets import cached_scores  # noqa: E402
 
-from optin.measure import evaluate, params, throughput  # noqa: E402
+from optin.measure import agreement, evaluate, params, throughput  # noqa: E402
 from optin.models import load_model  # noqa: E402
 from optin.progress import set_quiet  # noqa: E402
 from optin.recipe import batches_of, search  # noqa: E402
@@ -82,10 +82,11 @@ def main() -> None:
             recalibrated = pruned.recalibrate(calib)  # what `optin run` does by default (--recalibrate)
             metric = evaluate(pruned, evals, task.metric, ad) if recalibrated else raw["metric"]
             fidelity = evaluate(pruned, evals, "agreement", ad) if recalibrated else raw["fidelity"]
+            confident = agreement(pruned, ad, evals, min_confidence=0.5) if ad.output == "classes" else None
             speed = throughput({"before": lambda: ad.logits(bench), "after": lambda: pruned.logits(bench)},
                                examples=ad.batch_size(bench), repeats=10, min_seconds=2.0)
             row = {"scorer": scorer, "budget": budget, "metric": metric, "metric_before": base_metric,
-                   "fidelity": fidelity, "recalibrated": recalibrated, "metric_no_recalibration": raw["metric"],
+                   "fidelity": fidelity, "fidelity_confident": confident, "recalibrated": recalibrated, "metric_no_recalibration": raw["metric"],
                    "fidelity_no_recalibration": raw["fidelity"], "macs_ratio": costs.macs_of_masks(masks) / costs0.macs(),
                    "latency_ratio": speed["before"] / speed["after"], "speedup": speed["after"] / speed["before"],
                    "params_ratio": params(pruned.model) / params(ad.model), "seconds_scoring": seconds,

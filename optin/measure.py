@@ -59,13 +59,18 @@ def miou(adapter: Adapter, batches: list[Batch], advance: Callable[[int], None] 
 
 
 @torch.no_grad()
-def agreement(a: Adapter, b: Adapter, batches: list[Batch], advance: Callable[[int], None] = lambda n: None) -> float:
-    """Fraction of examples where two models predict the same class."""
+def agreement(a: Adapter, b: Adapter, batches: list[Batch], advance: Callable[[int], None] = lambda n: None,
+              min_confidence: float = 0.0) -> float:
+    """Fraction of examples where two models predict the same class. With ``min_confidence``, only the
+    examples where ``b`` (the reference) gives its top class at least that probability count: on
+    unlabelled out-of-distribution photos many predictions are near-ties that any perturbation flips."""
     same = total = 0
     for batch in batches:
-        pa, pb = a.logits(batch).argmax(-1), b.logits(batch).argmax(-1)
-        same += int((pa == pb).sum())
-        total += int(pa.numel())
+        la, lb = a.logits(batch), b.logits(batch)
+        pa, pb = la.argmax(-1), lb.argmax(-1)
+        keep = lb.softmax(-1).max(-1).values >= min_confidence
+        same += int((pa == pb)[keep].sum())
+        total += int(keep.sum())
         advance(1)
     return same / max(total, 1)
 

@@ -182,3 +182,19 @@ def test_adapters_search_defaults_reach_the_searcher_and_user_options_win(monkey
     recipe.search(_Cnn(), scores, 0.8, 1.0)
     recipe.search(_Cnn(), scores, 0.8, 1.0, options={"normalize": "none"})
     assert seen == ["mean", "none"]
+
+
+def test_agreement_can_count_only_confident_reference_predictions():
+    from optin.measure import agreement
+
+    class Fixed:
+        def __init__(self, logits):
+            self._logits = logits
+
+        def logits(self, batch):
+            return self._logits
+
+    ref = Fixed(torch.tensor([[5.0, 0.0], [0.1, 0.0], [0.0, 5.0]]))  # example 1 is a near-tie
+    other = Fixed(torch.tensor([[5.0, 0.0], [0.0, 0.1], [5.0, 0.0]]))
+    assert agreement(other, ref, [{}]) == pytest.approx(1 / 3)
+    assert agreement(other, ref, [{}], min_confidence=0.9) == pytest.approx(1 / 2)
