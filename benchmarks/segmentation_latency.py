@@ -5,7 +5,7 @@ this measures what removing neurons buys in wall-clock time, not accuracy (see m
 Swin-T: embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7; Mask2Former: HF's default head (hidden 256,
 100 queries, 6 pixel-decoder and 10 decoder layers), 19 classes (Cityscapes), one image per forward.
 
-    python benchmarks/segmentation_latency.py --size 256 512 --budgets 0.95 0.9 0.85 0.8
+    python benchmarks/segmentation_latency.py --size 256 512 --budgets 0.95 0.9 0.85 0.82
     python benchmarks/segmentation_latency.py --front-end mmseg --size 256 512   # needs mmcv + optin[mmseg]
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from optin.errors import BudgetError
 from optin.measure import params, throughput
 from optin.progress import set_quiet
 from optin.recipe import score, search
@@ -60,10 +61,15 @@ def main() -> None:
     seq = ad.seq_len([batch])  # fixes the input size the cost model counts at
     costs0 = ad.cost_model(seq)
     scores = score(ad, [batch], args.scorer)
-    rows = []
+    rows, skipped = [], {}
     for budget in args.budgets:
         pruned = copy.deepcopy(ad)
-        masks, costs = search(pruned, scores, budget, seq)
+        try:
+            masks, costs = search(pruned, scores, budget, seq)
+        except BudgetError as exc:  # below what the FFN neurons can remove: say so, keep the other budgets
+            skipped[budget] = str(exc)
+            print(f"budget {budget}: {exc}", flush=True)
+            continue
         pruned.prune(masks)
         speed = throughput({"before": lambda: ad.logits(batch), "after": lambda: pruned.logits(batch)},
                            examples=1, warmup=1, repeats=5, min_seconds=10.0)
@@ -76,7 +82,7 @@ def main() -> None:
     result = {"front_end": args.front_end, "size": list(size), "date": dt.date.today().isoformat(),
               "macs_before": costs0.macs(), "unit_macs_fraction": units / costs0.macs(),
               "params_before": params(ad.model), "threads": torch.get_num_threads(), "scorer": args.scorer,
-              "rows": rows,
+              "rows": rows, "skipped": skipped,
               "command": "python benchmarks/segmentation_latency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
