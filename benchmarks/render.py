@@ -60,10 +60,12 @@ def model_budgets_table(result: dict) -> str:
     cell = {(r["scorer"], r["budget"]): r for r in result["rows"]}
     metric = result["metric"]
     recal = any(r.get("recalibrated") for r in result["rows"])
+    confident = any(r.get("fidelity_confident") is not None for r in result["rows"])
     lines = [f"Unpruned {metric}: **{result['rows'][0]['metric_before']:.4f}** ({result['eval_examples']} test "
              f"examples, {result['macs_before'] / 1e6:.1f} M MACs). Cells: {metric}"
              + (" after BatchNorm recalibration [without]" if recal else "")
-             + " / fidelity to the unpruned model / latency ratio (pruned ÷ unpruned).", "",
+             + " / fidelity to the unpruned model" + (" (on examples it predicts with probability >= 0.5)" if confident else "")
+             + " / latency ratio (pruned ÷ unpruned).", "",
              "| scorer | " + " | ".join(f"budget {b} (MACs {cell[(scorers[0], b)]['macs_ratio']:.2f})" for b in budgets)
              + " |", "|---|" + "---|" * len(budgets)]
     for s in scorers:
@@ -71,7 +73,8 @@ def model_budgets_table(result: dict) -> str:
         for b in budgets:
             r = cell[(s, b)]
             raw = f" [{r['metric_no_recalibration']:.3f}]" if r.get("recalibrated") else ""
-            row.append(f"{r['metric']:.3f}{raw} / {r['fidelity']:.3f} / {r['latency_ratio']:.2f}")
+            conf = f" ({r['fidelity_confident']:.3f})" if r.get("fidelity_confident") is not None else ""
+            row.append(f"{r['metric']:.3f}{raw} / {r['fidelity']:.3f}{conf} / {r['latency_ratio']:.2f}")
         lines.append(f"| {s} ({cell[(s, budgets[0])]['seconds_scoring']:.0f} s) | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
