@@ -72,7 +72,7 @@ def main() -> None:
             continue
         pruned.prune(masks)
         speed = throughput({"before": lambda: ad.logits(batch), "after": lambda: pruned.logits(batch)},
-                           examples=1, warmup=1, repeats=5, min_seconds=10.0)
+                           examples=1, warmup=2, repeats=10, min_seconds=20.0)
         row = {"budget": budget, "macs_ratio": costs.macs_of_masks(masks) / costs0.macs(),
                "latency_ratio": speed["before"] / speed["after"], "seconds_before": 1 / speed["before"],
                "seconds_after": 1 / speed["after"], "params_ratio": params(pruned.model) / params(ad.model)}
