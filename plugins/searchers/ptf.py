@@ -69,7 +69,8 @@ def greedy_prune(order: list[int], where: list[tuple[str, int, int]], costs: Cos
     if current > capacity + 1e-6:
         least = min_keep if isinstance(min_keep, int) else max(min_keep.values(), default=0)
         raise BudgetError(f"cannot reach the budget while keeping {least} unit(s) per layer: the smallest model "
-                          f"has {current / costs.macs():.3f} of the MACs; raise the budget")
+                          f"has {current / costs.macs():.4g} of the MACs, the budget asks for {capacity / costs.macs():.4g}; "
+                          "raise the budget")
     return removed
 
 
