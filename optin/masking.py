@@ -7,6 +7,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .hooking import removing
+
 
 def apply_unit_mask(x: torch.Tensor, mask: torch.Tensor, unit_size: int = 1) -> torch.Tensor:
     """Scale the last dim of ``x`` (n units x ``unit_size`` features) by ``mask``.
@@ -33,7 +35,7 @@ def masked_inputs(masks: dict[str, list[torch.Tensor | None]],
     """Within the context, scale the input of ``target(kind, layer) = (module, unit_size)`` by that
     layer's mask (forward pre-hooks; a ``None`` mask leaves the layer alone). The hooks are always removed."""
     handles = []
-    try:
+    with removing(handles):
         for kind, per_layer in masks.items():
             for layer, mask in enumerate(per_layer):
                 if mask is None:
@@ -42,6 +44,3 @@ def masked_inputs(masks: dict[str, list[torch.Tensor | None]],
                 handles.append(module.register_forward_pre_hook(
                     lambda mod, args, m=mask, s=size: (apply_unit_mask(args[0], m, s), *args[1:])))
         yield
-    finally:
-        for h in handles:
-            h.remove()

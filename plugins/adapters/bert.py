@@ -19,6 +19,7 @@ from optin.errors import OptinError
 from optin.masking import apply_unit_mask, masked_inputs
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
+from optin.hooking import removing
 
 from .common import first_k_masks, hf_model_from_plan, kept, slice_mlp, track
 
@@ -228,11 +229,8 @@ class BertAdapter(Adapter):
                 lambda m, a, o, i=i: rec["attention"].__setitem__(i, o[0])))
             handles.append(l.output.dense.register_forward_hook(
                 lambda m, a, o, i=i: rec["emb"].__setitem__(i, o)))
-        try:
+        with removing(handles):
             rec["logits"] = self.logits(inputs)
-        finally:
-            for h in handles:
-                h.remove()
         return rec
 
     @torch.no_grad()

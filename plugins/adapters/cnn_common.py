@@ -25,7 +25,9 @@ from torch import nn
 
 from optin.contracts import Adapter, Batch, Trace
 from optin.errors import OptinError
+from optin.masking import apply_unit_mask
 from optin.units import CostModel, UnitTensors
+from optin.hooking import removing
 
 from .common import first_k_masks, image_collate, kept, track
 
@@ -63,16 +65,8 @@ class Op:
 
 def scale_channels(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Multiply channel dim 1 of ``x`` (N, C, ...) by ``mask`` (C,), or by ``mask[r]`` for replica r when
-    ``mask`` is (R, C) and ``x`` stacks R replicas of a batch along dim 0."""
-    if x.shape[1] != mask.shape[-1]:
-        raise ValueError(f"a mask of {mask.shape[-1]} channels does not fit a feature map of {x.shape[1]}")
-    tail = [1] * (x.dim() - 2)
-    m = mask.to(x.dtype)
-    if m.dim() == 1:
-        return x * m.view(1, -1, *tail)
-    reps = m.shape[0]
-    shaped = x.reshape(reps, x.shape[0] // reps, *x.shape[1:])
-    return (shaped * m.view(reps, 1, -1, *tail)).reshape(x.shape)
+    ``mask`` is (R, C) and ``x`` stacks R replicas of a batch along dim 0 (``apply_unit_mask`` on dim 1)."""
+    return apply_unit_mask(x.movedim(1, -1), mask).movedim(-1, 1)
 
 
 @torch.no_grad()
@@ -286,16 +280,13 @@ class ConvChannelAdapter(Adapter):
     @contextmanager
     def masked(self, masks: UnitTensors) -> Iterator[None]:  # noqa: D102 (see Adapter.masked)
         handles = []
-        try:
+        with removing(handles):
             for kind, per_layer in masks.items():
                 self._check_kind(kind)
                 for layer, mask in zip(self.layers, per_layer):
                     if mask is not None:
                         handles.append(self._hook(layer, lambda x, m=mask: scale_channels(x, m)))
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def cost_model(self, seq_len: float | None = None) -> CostModel:
         costs = cost_from_ops(self._ops(self.hw()), self.unit_counts()[KIND])
@@ -318,11 +309,8 @@ class ConvChannelAdapter(Adapter):
             handles.append(stages[l.start].register_forward_pre_hook(
                 lambda m, a, i=i: inputs.__setitem__(i, a[0])))
             handles.append(l.embed.register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, o)))
-        try:
+        with removing(handles):
             logits = self.logits(batch)
-        finally:
-            for h in handles:
-                h.remove()
         n = len(self.layers)
         return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
                      state={"inputs": [inputs[i] for i in range(n)]})
@@ -340,13 +328,10 @@ class ConvChannelAdapter(Adapter):
         for z in range(layer, len(self.layers)):  # after the mask hook: embeddings see the masked map
             handles.append(self.layers[z].embed.register_forward_hook(
                 lambda m, a, o, z=z: collected.__setitem__(z, select(o))))
-        try:
+        with removing(handles):
             for stage in self.stages()[self.layers[layer].start:]:
                 x = stage(x)
             logits = self.head(x)
-        finally:
-            for h in handles:
-                h.remove()
         return collected, logits
 
     # --- removal and persistence ---------------------------------------------------------------------

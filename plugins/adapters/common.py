@@ -1,13 +1,36 @@
 """Pieces the built-in adapters share: image batches, MLP slicing, rebuilding HF models from a plan."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from optin.contracts import Batch
+from optin.contracts import Batch, Trace
+from optin.hooking import removing
 from optin.errors import OptinError
 from optin.surgery import slice_linear
 from optin.units import UnitTensors
+
+
+@torch.no_grad()
+def trace_blocks(blocks: list[nn.Module], forward: Callable[[], torch.Tensor], mid: Callable[[nn.Module], nn.Module],
+                 out: Callable[[nn.Module], nn.Module],
+                 embedding: Callable[[torch.Tensor], torch.Tensor] = lambda o: o) -> Trace:
+    """One unmasked forward of a pre-norm transformer, capturing per block its input (``starts``), the
+    residual stream entering ``mid(block)`` (the norm before the MLP: ``mids``) and ``embedding`` of the
+    output of ``out(block)`` (the MLP's second Linear: the trajectory embedding)."""
+    starts, mids, emb, handles = {}, {}, {}, []
+    for i, b in enumerate(blocks):
+        handles.append(b.register_forward_pre_hook(
+            lambda m, a, k, i=i: starts.__setitem__(i, a[0] if a else k["hidden_states"]), with_kwargs=True))
+        handles.append(mid(b).register_forward_pre_hook(lambda m, a, i=i: mids.__setitem__(i, a[0])))
+        handles.append(out(b).register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, embedding(o))))
+    with removing(handles):
+        logits = forward()
+    n = len(blocks)
+    return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
+                 state={"starts": [starts[i] for i in range(n)], "mids": [mids[i] for i in range(n)]})
 
 
 def image_collate(examples: list[dict]) -> Batch:

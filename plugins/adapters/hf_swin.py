@@ -21,9 +21,10 @@ from optin.contracts import Adapter, Batch, Trace
 from optin.errors import OptinError
 from optin.masking import apply_unit_mask, masked_inputs
 from optin.units import CostModel, UnitTensors
+from optin.hooking import removing
 
 from . import swin_blocks as sb
-from .common import HFImageClassifier, first_k_masks, hf_model_from_plan
+from .common import HFImageClassifier, first_k_masks, hf_model_from_plan, trace_blocks
 
 
 def _swin_of(model: nn.Module) -> nn.Module | None:
@@ -130,21 +131,8 @@ class HFSwinAdapter(HFImageClassifier, Adapter):
 
     @torch.no_grad()
     def trace(self, batch: Batch) -> Trace:
-        starts, mids, emb, handles = {}, {}, {}, []
-        for i, b in enumerate(self.blocks):
-            handles.append(b.register_forward_pre_hook(
-                lambda m, a, k, i=i: starts.__setitem__(i, a[0] if a else k["hidden_states"]), with_kwargs=True))
-            handles.append(b.layernorm_after.register_forward_pre_hook(
-                lambda m, a, i=i: mids.__setitem__(i, a[0])))
-            handles.append(b.mlp.fc2.register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, o)))
-        try:
-            logits = self.logits(batch)
-        finally:
-            for h in handles:
-                h.remove()
-        n = len(self.blocks)
-        return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
-                     state={"starts": [starts[i] for i in range(n)], "mids": [mids[i] for i in range(n)]})
+        return trace_blocks(self.blocks, lambda: self.logits(batch), lambda b: b.layernorm_after,
+                            lambda b: b.mlp.fc2)
 
     @torch.no_grad()
     def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
@@ -157,7 +145,7 @@ class HFSwinAdapter(HFImageClassifier, Adapter):
         module, size = self._mask_targets(kind, layer)
         handles.append(module.register_forward_pre_hook(
             lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
-        try:
+        with removing(handles):
             if kind == "neurons":  # restart at the block's MLP from the cached residual
                 blk = self.blocks[layer]
                 x = trace.state["mids"][layer].repeat(reps, 1, 1)
@@ -165,9 +153,6 @@ class HFSwinAdapter(HFImageClassifier, Adapter):
                 logits = self._forward_from(x, layer, skip_first=True)
             else:
                 logits = self._forward_from(trace.state["starts"][layer].repeat(reps, 1, 1), layer)
-        finally:
-            for h in handles:
-                h.remove()
         return collected, logits
 
     # --- physical removal and persistence --------------------------------------------------------

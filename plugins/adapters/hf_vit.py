@@ -19,6 +19,7 @@ from optin.errors import OptinError
 from optin.masking import apply_unit_mask, masked_inputs
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
+from optin.hooking import removing
 
 from .bert import _Replay
 from .common import HFImageClassifier, first_k_masks, hf_model_from_plan, kept, slice_mlp, track
@@ -130,11 +131,8 @@ class HFVitAdapter(HFImageClassifier, Adapter):
                 lambda m, a, k, i=i: starts.__setitem__(i, a[0] if a else k["hidden_states"]), with_kwargs=True))
             handles.append(l.attention.register_forward_hook(lambda m, a, o, i=i: attn_out.__setitem__(i, o[0])))
             handles.append(l.mlp.fc2.register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, o)))
-        try:
+        with removing(handles):
             logits = self.logits(batch)
-        finally:
-            for h in handles:
-                h.remove()
         n = len(self.layers)
         return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
                      state={"starts": [starts[i] for i in range(n)], "attention": [attn_out[i] for i in range(n)]})

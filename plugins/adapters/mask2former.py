@@ -38,6 +38,7 @@ from optin.contracts import Adapter, Batch, Trace
 from optin.errors import OptinError
 from optin.masking import apply_unit_mask
 from optin.units import CostModel, UnitTensors
+from optin.hooking import removing
 
 from .common import first_k_masks, hf_model_from_plan, kept, slice_mlp, track
 from .swin_blocks import SwinBlockInfo, hf_block_macs, hf_merging_macs, hf_swin_blocks, neuron_weights
@@ -262,7 +263,7 @@ class Mask2FormerAdapter(Adapter):
     @contextmanager
     def masked(self, masks: UnitTensors) -> Iterator[None]:  # noqa: D102 (see Adapter.masked)
         handles = []
-        try:
+        with removing(handles):
             for kind, per_layer in masks.items():
                 for layer, mask in enumerate(per_layer):
                     if mask is not None:
@@ -270,9 +271,6 @@ class Mask2FormerAdapter(Adapter):
                         if h is not None:
                             handles.append(h)
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def unit_weights(self) -> dict[str, list[torch.Tensor]]:
         out = {"neurons": [neuron_weights(i.block) for i in self.infos] + [torch.zeros(0, 1)] * self.n_d}
@@ -363,11 +361,8 @@ class Mask2FormerAdapter(Adapter):
         handles.append(self.swin.embeddings.register_forward_hook(lambda m, a, o: cache.__setitem__("embed", o)))
         handles.append(self.model.model.pixel_level_module.register_forward_hook(
             lambda m, a, o: cache.__setitem__("pixel", o)))
-        try:
+        with removing(handles):
             logits = self.logits(batch)
-        finally:
-            for h in handles:
-                h.remove()
         n = self.n_b + self.n_d
         return Trace(embeddings=[emb[z] for z in range(n)], logits=logits, valid=None,
                      state={"block_in": [block_in[i] for i in range(self.n_b)],

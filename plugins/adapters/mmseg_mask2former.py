@@ -32,6 +32,7 @@ from optin.contracts import Adapter, Batch, Trace
 from optin.errors import OptinError
 from optin.masking import apply_unit_mask, masked_inputs
 from optin.units import CostModel, UnitTensors
+from optin.hooking import removing
 
 from .common import first_k_masks, image_collate, kept, slice_mlp, track
 
@@ -346,12 +347,9 @@ class MMSegMask2FormerAdapter(Adapter):
             handles = [b.ffn.layers[1].register_forward_pre_hook(
                 lambda m, a, i=i: tokens.__setitem__(i, a[0].numel() // a[0].shape[-1])) for i, b in
                 enumerate(self.blocks)]
-            try:
+            with removing(handles):
                 with FlopCounterMode(display=False) as counter:
                     self.logits({"pixel_values": torch.zeros(1, 3, *size)})
-            finally:
-                for h in handles:
-                    h.remove()
             per = [tokens[i] for i in range(len(self.blocks))]
             units = sum(2 * n * self._dim(i) * c for i, (n, c) in enumerate(zip(per, self.unit_counts()["neurons"])))
             self._probe[size] = (per, counter.get_total_flops() / 2 - units)
@@ -383,11 +381,8 @@ class MMSegMask2FormerAdapter(Adapter):
                 with_kwargs=True))
             handles.append(b.ffn.layers[1].register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, o)))
         handles.append(self.backbone.register_forward_hook(lambda m, a, o: outs.extend(o)))
-        try:
+        with removing(handles):
             logits = self.logits(batch)
-        finally:
-            for h in handles:
-                h.remove()
         n = len(self.blocks)
         return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
                      state={"starts": [starts[i] for i in range(n)], "ffn_in": [ffn_in[i] for i in range(n)],
@@ -428,16 +423,13 @@ class MMSegMask2FormerAdapter(Adapter):
         s0 = self.stage_of[layer][0]
         n_earlier = sum(1 for s in self.backbone.out_indices if s < s0)
         earlier = [o.repeat(reps, 1, 1, 1) for o in trace.state["outs"][:n_earlier]]
-        try:
+        with removing(handles):
             blk = self.blocks[layer]
             ffn_x, identity = trace.state["ffn_in"][layer]
             hw = trace.state["starts"][layer][1]
             x = blk.ffn(ffn_x.repeat(reps, 1, 1), identity=identity.repeat(reps, 1, 1))
             feats = self._backbone_from(x, hw, layer, True, earlier)
             logits = self._decode(feats, self._pixels(batch).repeat(reps, 1, 1, 1))
-        finally:
-            for h in handles:
-                h.remove()
         return collected, logits
 
     # --- physical removal and persistence --------------------------------------------------------

@@ -23,9 +23,10 @@ from optin.contracts import Adapter, Batch, Trace
 from optin.errors import OptinError
 from optin.masking import apply_unit_mask, masked_inputs
 from optin.units import CostModel, UnitTensors
+from optin.hooking import removing
 
 from . import swin_blocks as sb
-from .common import first_k_masks, image_collate
+from .common import first_k_masks, image_collate, trace_blocks
 
 
 def _blocks_of(model: nn.Module) -> list[tuple[int, int, nn.Module]] | None:
@@ -171,19 +172,7 @@ class SwinAdapter(Adapter):
 
     @torch.no_grad()
     def trace(self, batch: Batch) -> Trace:
-        starts, mids, emb, handles = {}, {}, {}, []
-        for i, b in enumerate(self.blocks):
-            handles.append(b.register_forward_pre_hook(lambda m, a, i=i: starts.__setitem__(i, a[0])))
-            handles.append(b.norm2.register_forward_pre_hook(lambda m, a, i=i: mids.__setitem__(i, a[0])))
-            handles.append(b.mlp.fc2.register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, _flat(o))))
-        try:
-            logits = self.logits(batch)
-        finally:
-            for h in handles:
-                h.remove()
-        n = len(self.blocks)
-        return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
-                     state={"starts": [starts[i] for i in range(n)], "mids": [mids[i] for i in range(n)]})
+        return trace_blocks(self.blocks, lambda: self.logits(batch), lambda b: b.norm2, lambda b: b.mlp.fc2, _flat)
 
     @torch.no_grad()
     def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
@@ -198,7 +187,7 @@ class SwinAdapter(Adapter):
             lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
         start = trace.state["starts"][layer]
         start = start.repeat(reps, *([1] * (start.dim() - 1)))
-        try:
+        with removing(handles):
             if kind == "neurons":  # restart inside the block: its MLP half only (timm's block forward)
                 blk = self.blocks[layer]
                 mid = trace.state["mids"][layer]
@@ -207,9 +196,6 @@ class SwinAdapter(Adapter):
                 logits = self._forward_from(x.reshape(start.shape), layer, skip_first=True)
             else:
                 logits = self._forward_from(start, layer)
-        finally:
-            for h in handles:
-                h.remove()
         return collected, logits
 
     # --- physical removal and persistence --------------------------------------------------------

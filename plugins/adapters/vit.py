@@ -23,8 +23,9 @@ from optin.errors import OptinError
 from optin.masking import apply_unit_mask, masked_inputs
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
+from optin.hooking import removing
 
-from .common import first_k_masks, image_collate, kept, slice_mlp, track
+from .common import first_k_masks, image_collate, kept, slice_mlp, trace_blocks, track
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -276,20 +277,7 @@ class VitAdapter(Adapter):
     @torch.no_grad()
     def trace(self, batch: Batch) -> Trace:
         self._require_plain("trajectory scoring")
-        starts, mids, emb = {}, {}, {}
-        handles = []
-        for i, b in enumerate(self.blocks):
-            handles.append(b.register_forward_pre_hook(lambda m, a, i=i: starts.__setitem__(i, a[0])))
-            handles.append(b.norm2.register_forward_pre_hook(lambda m, a, i=i: mids.__setitem__(i, a[0])))
-            handles.append(b.mlp.fc2.register_forward_hook(lambda m, a, o, i=i: emb.__setitem__(i, o)))
-        try:
-            logits = self.logits(batch)
-        finally:
-            for h in handles:
-                h.remove()
-        n = len(self.blocks)
-        return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
-                     state={"starts": [starts[i] for i in range(n)], "mids": [mids[i] for i in range(n)]})
+        return trace_blocks(self.blocks, lambda: self.logits(batch), lambda b: b.norm2, lambda b: b.mlp.fc2)
 
     def token_units(self) -> int:
         """Token positions that can be scored/removed (all but the class/distillation tokens)."""
@@ -330,7 +318,7 @@ class VitAdapter(Adapter):
         module, size = self._mask_targets(kind, layer)
         handles.append(module.register_forward_pre_hook(
             lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
-        try:
+        with removing(handles):
             if kind == "neurons":  # restart inside the block: the MLP half only
                 blk = self.blocks[layer]
                 x = trace.state["mids"][layer].repeat(reps, 1, 1)
@@ -338,9 +326,6 @@ class VitAdapter(Adapter):
                 logits = self._tail(x, layer + 1)
             else:
                 logits = self._tail(trace.state["starts"][layer].repeat(reps, 1, 1), layer)
-        finally:
-            for h in handles:
-                h.remove()
         return collected, logits
 
     # --- physical removal ------------------------------------------------------------------------
@@ -350,7 +335,7 @@ class VitAdapter(Adapter):
 
     @torch.no_grad()
     def prune(self, masks: UnitTensors) -> None:
-        d, D = self.head_dim, self.dim
+        d = self.head_dim
         for i, b in enumerate(self.blocks):
             if "heads" in masks:
                 keep = kept(masks["heads"][i]).tolist()
