@@ -307,3 +307,11 @@ def test_config_flags_are_honoured_with_options_on_the_command_line(workspace, t
     assert report["calibration_examples"] == 16
     assert report["macs_after"] <= 0.5 * report["macs_before"]
     assert optin.Scores.load(out / "scores.safetensors").options["neuron_group"] == 8
+
+
+def test_finetune_on_an_unlabelled_task_is_refused_in_one_line(tmp_path):
+    pytest.importorskip("skimage", reason="the photos task needs scikit-image")
+    res = invoke("finetune", "--model", str(tmp_path), "--task", "photos", "--output", str(tmp_path / "out"))
+    assert res.exit_code == 2
+    lines = error_lines(res)
+    assert len(lines) == 1 and "task 'photos' is unlabelled" in lines[0] and "needs a labelled task" in lines[0]

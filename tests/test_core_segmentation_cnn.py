@@ -198,3 +198,37 @@ def test_agreement_can_count_only_confident_reference_predictions():
     other = Fixed(torch.tensor([[5.0, 0.0], [0.0, 0.1], [5.0, 0.0]]))
     assert agreement(other, ref, [{}]) == pytest.approx(1 / 3)
     assert agreement(other, ref, [{}], min_confidence=0.9) == pytest.approx(1 / 2)
+
+
+def test_bad_ptf_options_are_clear_errors():
+    with pytest.raises(BudgetError, match="min_keep must be >= 0"):
+        PTFSearcher(min_keep=-1)
+
+
+def test_photos_without_scikit_image_say_how_to_install_it(monkeypatch):
+    import sys
+
+    from optin_plugins.tasks.segmentation import photos_folder
+
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    with pytest.raises(OptinError, match=r"pip install 'optin\[photos\]'"):
+        photos_folder()
+
+
+def test_an_unknown_trajectory_distance_is_a_clear_error():
+    from optin.contracts import Trace
+    from optin_plugins.scorers.trajectory import TrajectoryScorer
+
+    class Odd:
+        name, trajectory_distance = "odd", "cosine"
+
+        def unit_counts(self):
+            return {"neurons": [2]}
+
+        def trace(self, batch):
+            return Trace(embeddings=[torch.zeros(1, 2, 3)], logits=torch.zeros(1, 2), valid=None)
+
+    from optin.contracts import ScoreContext
+
+    with pytest.raises(OptinError, match="trajectory distance 'cosine'; known: manifold, feature-mse"):
+        TrajectoryScorer().score(Odd(), [{}], ScoreContext())
