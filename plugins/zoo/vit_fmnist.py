@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from optin.progress import say
 from optin.tasks import Task, get_task
 
 from .training import decay_groups, train_steps, warmup_cosine
+from .cache import is_built, publish, staging
 
 NAME = "vit-fmnist"
 TASK = "fashion-mnist"
@@ -165,7 +164,7 @@ def train_vit(model: nn.Module, task: Task, epochs: float, lr: float = 1e-3, bat
 def build(name: str = NAME) -> str:
     """Train ``vit-fmnist`` once (first use) and return its cached folder."""
     target = cache_dir() / "models" / name
-    if (target / "optin-train.json").is_file():
+    if is_built(target):
         return str(target)
     task = get_task(TASK)
     say(f"building {name}: training a 6-layer ViT on {TASK} from scratch on CPU ({RECIPE['epochs']:g} epoch(s); "
@@ -174,17 +173,11 @@ def build(name: str = NAME) -> str:
     log = train_vit(model, task, **RECIPE)
     log["test_accuracy"] = evaluate_vit(model, task, "test")
     say(f"{name}: test accuracy {log['test_accuracy']:.4f} after {log['seconds']:.0f}s of training")
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(target)
     save_timm_folder(model, tmp, MODEL_ARGS, architecture=name, num_classes=MODEL_ARGS["num_classes"], task=TASK,
                      mean=MEAN, std=STD)
     (tmp / "optin-train.json").write_text(json.dumps({"model": name, "task": TASK, **log}, indent=2))
-    if (target / "optin-train.json").is_file():  # another process finished first: keep its model
-        shutil.rmtree(tmp, ignore_errors=True)
-        return str(target)
-    shutil.rmtree(target, ignore_errors=True)  # a partial folder from an older, interrupted layout
-    tmp.rename(target)
-    return str(target)
+    return publish(tmp, target)
 
 
 @hookimpl
