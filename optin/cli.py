@@ -179,13 +179,13 @@ def prune_options(fn):
 
 def _invoke_recipe(ctx: click.Context, kw: dict, **extra: Any) -> dict:
     """Common CLI plumbing: progress bars, plugin options, named-model defaults, then the recipe."""
-    from .recipe import run as run_recipe
+    from .recipe import RunConfig, run_config
 
     set_quiet(kw.pop("quiet"))
     options = _plugin_options(ctx, kw.pop("plugin_opts"))
     if "scorer" in kw:  # a scoring command: the named model's scoring defaults apply
         _apply_model_defaults(ctx, kw["model"], kw, options)
-    return run_recipe(kw.pop("model"), options=options, **kw, **extra)
+    return run_config(RunConfig(options=options, **kw, **extra))
 
 
 @cli.command()

@@ -1,23 +1,29 @@
-"""The four plugin contracts. Plugins subclass these; the core only ever talks to these methods.
+"""The plugin contracts. Plugins subclass these; the core only ever calls the methods declared here.
 
-- Adapter: knows one model family (units, masking, partial forwards, MACs, physical removal, rebuild).
-- Scorer: units + calibration batches -> importance per unit (higher = keep).
-- Searcher: importances + cost model + budget -> keep-masks.
-- Reducer: at run time, between blocks, tokens -> fewer tokens (used by the vision adapters).
+- Adapter: knows one model family (units, where they live, masking, partial forwards, MACs, removal).
+  TokenAdapter: an adapter whose model has tokens a reducer can remove at run time.
+- Scorer: units + calibration batches -> importance per unit (higher = keep), on a declared scale.
+- Searcher: importances + cost model + budget -> keep-masks. TokenSearcher: also a per-block token schedule.
+- Reducer: at run time, between blocks, tokens -> fewer tokens. TokenScorer: ranks tokens at run time.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .hooking import removing
 from .units import CostModel, UnitTensors
 
 Batch = dict[str, Any]
+
+# What a scorer's numbers can be compared with (``Scorer.scale``); the recipe brings scores to one common
+# scale before any searcher sees them (optin.scales).
+SCALES = ("global", "kind", "layer")
 
 
 @dataclass
@@ -33,6 +39,42 @@ class Trace:
     logits: torch.Tensor
     valid: torch.Tensor | None
     state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnitSite:
+    """Where one layer's units of one kind are carried: a tensor passing through ``module`` (its first
+    input, or its output when ``output``) whose axis ``dim`` holds ``n units x unit_size`` features, unit k
+    owning features ``k*unit_size .. (k+1)*unit_size - 1``; axis ``batch_dim`` is the example axis.
+
+    Multiplying that tensor by a keep-mask is exactly what removing the units does, and reading it gives
+    each unit's activations (the ``probe``). Transformers: the input of the attention output projection
+    (heads, ``unit_size`` = head dim) and of the FFN output projection (neurons); CNNs: a feature map's
+    channel axis (``dim=1``).
+    """
+
+    module: nn.Module
+    unit_size: int = 1
+    dim: int = -1
+    output: bool = False
+    batch_dim: int = 0
+
+    def canonical(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the example axis first and the unit feature axis last."""
+        dim, bdim = self.dim % x.dim(), self.batch_dim % x.dim()
+        if (bdim, dim) == (0, x.dim() - 1):
+            return x
+        return x.movedim((bdim, dim), (0, -1))
+
+    def restore(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Undo ``canonical`` (``like`` is the original tensor)."""
+        dim, bdim = self.dim % like.dim(), self.batch_dim % like.dim()
+        if (bdim, dim) == (0, like.dim() - 1):
+            return y
+        return y.movedim((0, -1), (bdim, dim))
+
+
+Observer = Callable[[str, int, torch.Tensor], None]
 
 
 class Adapter(ABC):
@@ -89,6 +131,11 @@ class Adapter(ABC):
         """Task loss (mean over the batch), used by gradient-based scorers and fine-tuning."""
         return nn.functional.cross_entropy(self.logits(batch), batch["labels"])
 
+    def num_classes(self) -> int | None:
+        """How many classes the model predicts (None when it does not say); checked against the task."""
+        labels = getattr(getattr(self.model, "config", None), "num_labels", None)  # HF models
+        return int(labels) if isinstance(labels, int) else None
+
     def batch_size(self, batch: Batch) -> int:
         return int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
 
@@ -96,10 +143,20 @@ class Adapter(ABC):
         """Average token count per example used by the cost model (1 for models without tokens)."""
         return 1.0
 
+    def valid_tokens(self, batch: Batch) -> torch.Tensor | None:
+        """(B, T) bool, True at real (non-padding) token positions of ``batch``; None when every position
+        counts (images, unpadded text)."""
+        return None
+
     # --- units -----------------------------------------------------------------------------------
     @abstractmethod
     def unit_counts(self) -> dict[str, list[int]]:
         """Current number of units per kind per layer."""
+
+    def unit_site(self, kind: str, layer: int) -> UnitSite | None:
+        """Where the units of ``kind`` in ``layer`` are carried (see ``UnitSite``); None where the layer has
+        no units of that kind. Raises OptinError for a kind the adapter does not have."""
+        raise NotImplementedError(f"adapter {self.name!r} does not expose where its units live")
 
     @abstractmethod
     @contextmanager
@@ -114,6 +171,34 @@ class Adapter(ABC):
     def unit_weights(self) -> dict[str, list[torch.Tensor]]:
         """Per unit, the flattened weights it owns: ``{kind: [tensor (n_units, w) per layer]}``."""
         raise NotImplementedError(f"adapter {self.name!r} does not expose unit weights")
+
+    def probe(self, batch: Batch, observe: Observer, kinds: Sequence[str] | None = None) -> torch.Tensor:
+        """Run ``logits(batch)`` and show every unit's activations: for each kind (default: all) and layer,
+        ``observe(kind, layer, x)`` with ``x`` (N, n_units, unit_size), N = the valid positions (padding
+        dropped; every example x token, or x pixel for CNNs). Activations keep their autograd graph, so a
+        gradient scorer may differentiate through them. Returns the logits."""
+        counts = self.unit_counts()
+        valid = self.valid_tokens(batch)
+        handles = []
+        with removing(handles):
+            for kind in (counts if kinds is None else kinds):
+                for layer in range(len(counts[kind])):
+                    site = self.unit_site(kind, layer)
+                    if site is None:
+                        continue
+
+                    def show(t: torch.Tensor, kind=kind, layer=layer, site=site) -> None:
+                        x = site.canonical(t)
+                        if valid is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(valid.shape):
+                            x = x[valid.to(x.device)]
+                        x = x.reshape(-1, x.shape[-1])
+                        observe(kind, layer, x.reshape(x.shape[0], -1, site.unit_size))
+
+                    if site.output:
+                        handles.append(site.module.register_forward_hook(lambda m, a, o, f=show: f(o)))
+                    else:
+                        handles.append(site.module.register_forward_pre_hook(lambda m, a, f=show: f(a[0])))
+            return self.logits(batch)
 
     # --- trajectory support ----------------------------------------------------------------------
     def trace(self, batch: Batch) -> Trace:
@@ -150,18 +235,57 @@ class Adapter(ABC):
         gradients. Returns True when something was re-estimated."""
         return False
 
-    # --- token reduction -------------------------------------------------------------------------
-    has_tokens: ClassVar[bool] = False
 
-    def install_reducer(self, reducer: "Reducer", schedule: list[int]) -> None:
-        raise NotImplementedError(f"adapter {self.name!r} has no tokens to reduce")
+class TokenAdapter(Adapter):
+    """An adapter whose model has tokens (ViT patches) that a ``Reducer`` can remove between blocks.
+
+    ``n_tokens`` tokens enter the first block, the first ``protected`` of them (class, distillation) are
+    never removed, and ``removals`` is the installed schedule (tokens removed in each block; zeros when no
+    reducer is installed).
+    """
+
+    n_tokens: int
+    protected: int
+    removals: list[int]
+
+    def token_units(self) -> int:
+        """Token positions that can be scored and removed (all but the protected ones)."""
+        return self.n_tokens - self.protected
+
+    @abstractmethod
+    def install_reducer(self, reducer: "Reducer", removals: list[int],
+                        token_scorer: "TokenScorer | None" = None) -> None:
+        """Run ``reducer`` in every block l with ``removals[l] > 0`` tokens removed there (between attention and
+        MLP); ``token_scorer`` supplies per-token importances to reducers that need them."""
+
+    @abstractmethod
+    def cost_model(self, seq_len: float | None = None, removals: list[int] | None = None) -> CostModel:
+        """MACs per unit with ``removals`` tokens removed per block (default: the installed schedule)."""
 
 
 class Scorer(ABC):
-    """Importance per unit (higher = keep)."""
+    """Importance per unit (higher = keep).
+
+    What a score must mean for the searcher: the damage (e.g. the expected increase of a loss) that
+    removing that one unit does, so that a sum of scores is the damage of removing a set. ``scale`` says
+    how far the numbers can be compared:
+
+    - ``"global"``: across kinds and layers (scores in units of one loss); searchers use them as they are.
+    - ``"kind"``: across the layers of one kind, not across kinds (e.g. weight norms: a head and a neuron
+      own different numbers of weights). Before the search each kind is brought to a common scale: its
+      scores are divided by the kind's mean score and multiplied by the kind's mean cost, so that an
+      average unit of every kind is worth what it costs, and only the ranking inside the kind decides.
+    - ``"layer"``: only inside one layer; the same per layer.
+
+    The default is ``"kind"``: a scorer that does not know better cannot make one kind silently win.
+    """
 
     name: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = False
+    scale: ClassVar[str] = "kind"
+    # True when the scorer can also score token positions per block (OPTIN A.9) for a token searcher
+    # that asks for them (``TokenSearcher.needs_token_scores``); see ``request_tokens``.
+    scores_tokens: ClassVar[bool] = False
     # Optional by-products saved next to the scores (e.g. trajectory's md/kd components), set by score().
     extras: dict[str, UnitTensors] = {}
 
@@ -173,15 +297,24 @@ class Scorer(ABC):
         """Options that change the scores (stored in the scores file)."""
         return {}
 
+    def request_tokens(self, units: bool = True) -> None:
+        """Also score token positions: ``extras["tokens"] = {"tokens": [(T,) per block]}``; with
+        ``units=False`` only tokens (no head/neuron scores). Only for ``scores_tokens`` scorers."""
+        raise NotImplementedError(f"scorer {self.name!r} does not score tokens")
+
 
 @dataclass
 class ScoreContext:
-    """Services the core gives a scorer: a resumable checkpoint, progress reporting and a seed."""
+    """Services the core gives a scorer: a resumable checkpoint, progress reporting, a seed, and the share
+    of the work this process does when several processes score together (``rank`` of ``world``)."""
 
     seed: int = 0
     checkpoint: Any = None  # optin.rankings.Checkpoint or None
     advance: Callable[[int], None] = lambda n: None  # progress: n units done
     total: Callable[[int], None] = lambda n: None  # progress: set the number of units to do
+    rank: int = 0
+    world: int = 1
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # sum over the processes (all-reduce)
 
     def cached(self, key: str) -> torch.Tensor | None:
         return None if self.checkpoint is None else self.checkpoint.get(key)
@@ -190,15 +323,49 @@ class ScoreContext:
         if self.checkpoint is not None:
             self.checkpoint.put(key, value)
 
+    def mine(self, n: int) -> list[int]:
+        """The indices of ``range(n)`` this process works on (round robin; all of them for one process)."""
+        return list(range(self.rank, n, self.world))
+
 
 class Searcher(ABC):
-    """Chooses which units to keep under a MACs budget (a fraction of the unpruned MACs)."""
+    """Chooses which units to keep under a MACs budget (a fraction of the unpruned MACs).
+
+    ``scores`` arrive on one common scale (``Scorer.scale`` already applied): a sum of scores is
+    comparable across kinds and layers.
+    """
 
     name: ClassVar[str] = ""
 
     @abstractmethod
     def search(self, scores: UnitTensors, costs: CostModel, budget: float) -> UnitTensors:
         ...
+
+    def unit_budget_for(self, budget: float) -> float:
+        """The MACs fraction the unit masks of ``search`` must fit (token searchers leave a part to tokens)."""
+        return budget
+
+
+MacsOf = Callable[[list[int]], float]  # tokens removed per block -> MACs
+
+
+class TokenSearcher(Searcher):
+    """A searcher that also schedules tokens: after ``search`` (unit masks for ``unit_budget_for(budget)``),
+    ``removals`` says how many tokens each block removes so that the model fits the whole budget."""
+
+    @abstractmethod
+    def removals(self, n_tokens: int, protected: int, n_layers: int, macs_of: MacsOf, target: float,
+                 token_importance: torch.Tensor | None = None) -> list[int]:
+        """Tokens removed per block with ``macs_of(removals) <= target``; ``token_importance`` (blocks,
+        token positions) when ``needs_token_scores()``."""
+
+    def needs_token_scores(self) -> bool:
+        """True when ``removals`` needs per-block token importances from the scorer."""
+        return False
+
+    def prunes_units(self) -> bool:
+        """False when only tokens are reduced (every head and neuron kept)."""
+        return True
 
 
 class Reducer(ABC):
@@ -227,3 +394,8 @@ class TokenScorer(ABC):
     @abstractmethod
     def token_importance(self, attn: torch.Tensor, layer: int, n_layers: int) -> torch.Tensor:
         """Attention probabilities (B, H, N, N) of block ``layer`` -> importance (B, N), higher = keep."""
+
+    def method_options(self) -> dict[str, Any]:
+        """Options this method sets on the token searcher and the reducer unless the user sets them (e.g.
+        Zero-TPrune: the schedule of pruning layers, and the similarity stage of the prune reducer)."""
+        return {}

@@ -38,11 +38,25 @@ class OptinHookSpecs:
 broken: dict[str, str] = {}  # hook plugins that failed to import: name -> reason (shown by `optin list`)
 
 
+def register_checked(pm: pluggy.PluginManager, plugin: Any, name: str) -> str | None:
+    """Register ``plugin`` and validate it against the hook specifications; a plugin whose hooks do not
+    match (e.g. a misspelled hook name such as ``optin_task``) is unregistered. Returns why, or None."""
+    pm.register(plugin, name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(name=name)
+        known = ", ".join(sorted(n for n in dir(OptinHookSpecs) if n.startswith("optin_")))
+        return f"{exc} (the hooks optin knows are: {known})"
+    return None
+
+
 @lru_cache(maxsize=1)
 def plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager, with every ``optin.hooks`` entry point registered.
 
-    A hook plugin that fails to import is recorded in ``broken`` instead of breaking every command.
+    A hook plugin that fails to import, or implements a hook optin does not specify, is recorded in
+    ``broken`` (shown by ``optin list``) instead of breaking every command.
     """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(OptinHookSpecs)
@@ -51,9 +65,11 @@ def plugin_manager() -> pluggy.PluginManager:
         if pm.get_plugin(ep.name) is not None:
             continue
         try:
-            pm.register(ep.load(), name=ep.name)
+            why = register_checked(pm, ep.load(), ep.name)
         except Exception as exc:
-            broken[ep.name] = f"{type(exc).__name__}: {exc}"
+            why = f"{type(exc).__name__}: {exc}"
+        if why:
+            broken[ep.name] = why
     return pm
 
 
@@ -61,19 +77,24 @@ conflicts: dict[str, str] = {}  # "hook:name" -> why a contribution was ignored 
 
 
 def collect(hook_name: str) -> dict[str, Any]:
-    """Merge the dicts returned by every implementation of a dict-returning hook.
+    """Merge the dicts returned by every implementation of a dict-returning hook, each called through
+    pluggy (``pm.subset_hook_caller``: that plugin alone).
 
     Names are first come, first served in registration order (built-ins register first, as the ``optin``
     distribution's entry points); a later plugin reusing a name is ignored and recorded in ``conflicts``.
     """
     pm = plugin_manager()
+    caller = getattr(pm.hook, hook_name)
     merged: dict[str, Any] = {}
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order
-        for name, value in (getattr(impl.plugin, hook_name)() or {}).items():
-            if name in merged:
-                conflicts[f"{hook_name}:{name}"] = f"{impl.plugin_name} also defines {name!r}; ignored"
-                continue
-            merged[name] = value
+    every = pm.get_plugins()
+    for impl in caller.get_hookimpls():  # registration order
+        alone = pm.subset_hook_caller(hook_name, remove_plugins=[p for p in every if p is not impl.plugin])
+        for result in alone():
+            for name, value in (result or {}).items():
+                if name in merged:
+                    conflicts[f"{hook_name}:{name}"] = f"{impl.plugin_name} also defines {name!r}; ignored"
+                    continue
+                merged[name] = value
     return merged
 
 

@@ -1,12 +1,14 @@
-"""Multiplying groups of features by unit masks, for single or batched (replicated) masks."""
+"""Multiplying groups of features by unit masks, for single or batched (replicated) masks, at a ``UnitSite``."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
-from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from .contracts import UnitSite
+from .errors import OptinError
 from .hooking import removing
 
 
@@ -19,7 +21,7 @@ def apply_unit_mask(x: torch.Tensor, mask: torch.Tensor, unit_size: int = 1) -> 
     n = mask.shape[-1]
     if x.shape[-1] != n * unit_size:
         raise ValueError(f"mask for {n} units of size {unit_size} does not fit a feature dim of {x.shape[-1]}")
-    m = mask.to(x.dtype).repeat_interleave(unit_size, dim=-1)
+    m = mask.to(device=x.device, dtype=x.dtype).repeat_interleave(unit_size, dim=-1)
     if mask.dim() == 1:
         return x * m
     reps = mask.shape[0]
@@ -29,18 +31,39 @@ def apply_unit_mask(x: torch.Tensor, mask: torch.Tensor, unit_size: int = 1) -> 
     return (shaped * m).reshape(x.shape)
 
 
+def mask_at(site: UnitSite, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` (the tensor passing through ``site``) with its units scaled by ``mask`` ((n,) or (R, n))."""
+    return site.restore(apply_unit_mask(site.canonical(x), mask, site.unit_size), x)
+
+
+def hook_site(site: UnitSite, fn: Callable[[torch.Tensor], torch.Tensor]) -> RemovableHandle:
+    """A hook replacing the tensor passing through ``site`` by ``fn(tensor)``."""
+    if site.output:
+        return site.module.register_forward_hook(lambda m, a, o: fn(o))
+    return site.module.register_forward_pre_hook(lambda m, a: (fn(a[0]), *a[1:]))
+
+
+def mask_hook(site: UnitSite, mask: torch.Tensor) -> RemovableHandle:
+    """A hook multiplying the units passing through ``site`` by ``mask`` until removed."""
+    return hook_site(site, lambda x: mask_at(site, x, mask))
+
+
 @contextmanager
-def masked_inputs(masks: dict[str, list[torch.Tensor | None]],
-                  target: Callable[[str, int], tuple[nn.Module, int]]) -> Iterator[None]:
-    """Within the context, scale the input of ``target(kind, layer) = (module, unit_size)`` by that
-    layer's mask (forward pre-hooks; a ``None`` mask leaves the layer alone). The hooks are always removed."""
-    handles = []
+def masked_sites(masks: dict[str, list[torch.Tensor | None]],
+                 site_of: Callable[[str, int], UnitSite | None]) -> Iterator[None]:
+    """Within the context, scale the units at ``site_of(kind, layer)`` by that layer's mask (a ``None`` mask,
+    or a layer without a site, is left alone unless its mask has units). The hooks are always removed."""
+    handles: list[RemovableHandle] = []
     with removing(handles):
         for kind, per_layer in masks.items():
             for layer, mask in enumerate(per_layer):
                 if mask is None:
                     continue
-                module, size = target(kind, layer)
-                handles.append(module.register_forward_pre_hook(
-                    lambda mod, args, m=mask, s=size: (apply_unit_mask(args[0], m, s), *args[1:])))
+                site = site_of(kind, layer)
+                if site is None:
+                    if mask.shape[-1]:
+                        raise OptinError(f"{kind} mask for layer {layer} has {mask.shape[-1]} units but that "
+                                         "layer has none")
+                    continue
+                handles.append(mask_hook(site, mask))
         yield

@@ -42,6 +42,7 @@ class Scores:
     scorer: str
     options: dict = field(default_factory=dict)
     extras: dict[str, UnitTensors] = field(default_factory=dict)  # e.g. trajectory components md/kd
+    scale: str = "global"  # what the values can be compared with (optin.contracts.Scorer.scale)
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {}
@@ -50,7 +51,7 @@ class Scores:
                 for i, t in enumerate(layers):
                     tensors[f"{prefix}/{kind}.{i}"] = t.detach().float().contiguous()
         meta = {"format": FORMAT, "adapter": self.adapter, "fingerprint": self.fingerprint,
-                "scorer": self.scorer, "options": json.dumps(self.options, sort_keys=True)}
+                "scorer": self.scorer, "options": json.dumps(self.options, sort_keys=True), "scale": self.scale}
         _atomic_save(tensors, meta, Path(path))
 
     @classmethod
@@ -76,7 +77,8 @@ class Scores:
             groups.setdefault(prefix, {}).setdefault(kind, {})[int(layer)] = t
         units = {p: {k: [d[i] for i in sorted(d)] for k, d in g.items()} for p, g in groups.items()}
         return cls(values=units.pop("score", {}), adapter=meta["adapter"], fingerprint=meta["fingerprint"],
-                   scorer=meta["scorer"], options=json.loads(meta.get("options", "{}")), extras=units)
+                   scorer=meta["scorer"], options=json.loads(meta.get("options", "{}")), extras=units,
+                   scale=meta.get("scale", "global"))
 
     def check_matches(self, adapter_name: str, model_fingerprint: str, counts: dict[str, list[int]],
                       source: str = "the scores file") -> None:

@@ -1,6 +1,7 @@
 """The one recipe: load -> calibrate -> score -> search -> apply (mask, then remove) -> evaluate -> export.
 
-Every step is a plain function usable from a notebook; ``run`` composes them for the CLI.
+Every step is a plain function usable from a notebook; ``run`` composes them, one named stage after the
+other, over one ``RunConfig`` (the fields the CLI flags and the YAML keys set).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import datetime as _dt
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__, registry
-from .contracts import Adapter, Batch, ScoreContext, TokenScorer
+from .contracts import Adapter, Batch, Scorer, ScoreContext, TokenAdapter, TokenScorer, TokenSearcher
 from .errors import BudgetError, OptinError
 from .export import save_pruned
 from .hooks import notify
@@ -25,6 +26,7 @@ from .measure import evaluate, params, throughput
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
 from .rankings import Checkpoint, Scores, fingerprint
+from .scales import to_common_scale
 from .tasks import Task, file_task, get_task, known_tasks, sample
 from .units import CostModel, UnitTensors, counts_of, kept_counts
 
@@ -72,10 +74,26 @@ def _batches_hash(batches: list[Batch]) -> str:
     return h.hexdigest()[:16]
 
 
-def score(adapter: Adapter, batches: list[Batch], scorer: str = "trajectory", options: dict | None = None,
-          seed: int = 0, checkpoint: str | Path | None = None) -> Scores:
-    """Importance of every unit. With ``checkpoint`` an interrupted run resumes from the partial file."""
+# --- scoring and search (the Python API) ------------------------------------------------------------
+TOKEN_SCORES = (None, "also", "only")
+
+
+def make_scorer(scorer: str, options: dict | None = None, token_scores: str | None = None) -> Scorer:
+    """The scorer plugin ``scorer`` with its options; ``token_scores`` asks it to score token positions too
+    ("also") or only ("only"), for a token searcher that needs them."""
     impl = registry.create("scorer", scorer, options)
+    if token_scores is not None:
+        if not impl.scores_tokens:
+            raise OptinError(f"the token schedule needs per-token scores, which scorer {scorer!r} does not give; "
+                             "use --scorer trajectory, or another schedule (--set schedule=constant)")
+        impl.request_tokens(units=token_scores == "also")
+    return impl
+
+
+def score(adapter: Adapter, batches: list[Batch], scorer: str = "trajectory", options: dict | None = None,
+          seed: int = 0, checkpoint: str | Path | None = None, token_scores: str | None = None) -> Scores:
+    """Importance of every unit. With ``checkpoint`` an interrupted run resumes from the partial file."""
+    impl = make_scorer(scorer, options, token_scores)
     if impl.needs_labels and any("labels" not in b and "masks" not in b for b in batches):
         raise OptinError(f"scorer {scorer!r} needs labelled calibration data")
     fp = fingerprint(adapter.model)
@@ -93,31 +111,34 @@ def score(adapter: Adapter, batches: list[Batch], scorer: str = "trajectory", op
             values = impl.score(adapter, batches, ctx)
         except NotImplementedError as exc:
             raise OptinError(f"scorer {scorer!r} does not work with adapter {adapter.name!r}: {exc}") from exc
-    extras = getattr(impl, "extras", {}) or {}
     result = Scores(values=values, adapter=adapter.name, fingerprint=fp, scorer=scorer,
-                    options=impl.describe(), extras=extras)
+                    options=impl.describe(), extras=dict(impl.extras or {}), scale=impl.scale)
     if ckpt is not None:
         ckpt.discard()
     notify("stage", stage="scored", scorer=scorer)
     return result
 
 
-def search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_len: float,
-           searcher: str = "ptf", options: dict | None = None) -> tuple[UnitTensors, CostModel]:
-    """Keep-masks that fit ``budget`` x the unpruned MACs."""
-    budget = check_budget(budget)
-    values = scores.values if isinstance(scores, Scores) else scores
+def _search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_len: float, searcher: str,
+            options: dict | None) -> tuple[UnitTensors, CostModel]:
+    values, scale = (scores.values, scores.scale) if isinstance(scores, Scores) else (scores, "global")
     costs = adapter.cost_model(seq_len)
     accepted = registry.option_names(registry.get("searcher", searcher))
     options = {**{k: v for k, v in adapter.search_defaults.items() if k in accepted}, **(options or {})}
     impl = registry.create("searcher", searcher, options)
-    masks = impl.search(values, costs, budget)
-    limit = getattr(impl, "unit_budget_for", lambda b: b)(budget)  # token searchers leave a part to tokens
+    masks = impl.search(to_common_scale(values, scale, costs), costs, budget)
+    limit = impl.unit_budget_for(budget)  # token searchers leave a part of the budget to tokens
     got = costs.macs_of_masks(masks)
     if got > limit * costs.macs() * (1 + 1e-9):
         raise BudgetError(f"searcher {searcher!r} returned masks with {got / costs.macs():.3f} of the MACs, "
                           f"above its budget {limit}")
     return masks, costs
+
+
+def search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_len: float,
+           searcher: str = "ptf", options: dict | None = None) -> tuple[UnitTensors, CostModel]:
+    """Keep-masks that fit ``budget`` x the unpruned MACs (scores brought to one scale first)."""
+    return _search(adapter, scores, check_budget(budget), seq_len, searcher, options)
 
 
 @dataclass
@@ -142,7 +163,7 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
 
     ``scores`` (a Scores object or a saved scores file) skips scoring: the same scores serve any budget.
     """
-    check_budget(budget)
+    budget = check_budget(budget)
     ad = as_adapter(model, processor, adapter)
     if scores is None:
         scores = score(ad, data, scorer, options, seed, checkpoint)
@@ -150,7 +171,7 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
         scores = Scores.load(scores)
         scores.check_matches(ad.name, fingerprint(ad.model), ad.unit_counts())
     seq_len = ad.seq_len(data)
-    masks, costs = search(ad, scores, budget, seq_len, searcher, options)
+    masks, costs = _search(ad, scores, budget, seq_len, searcher, options)
     ad.prune(masks)
     return PruneResult(ad, masks, scores, costs.macs(), costs.macs_of_masks(masks),
                        {"seq_len": seq_len, "kept": kept_counts(masks)})
@@ -174,36 +195,46 @@ def check_target(adapter: Adapter, task: Task, source: str) -> None:
                      f"use a {what.get(adapter.output, adapter.output)} task: {', '.join(fitting) or 'none installed'}")
 
 
-def require_tokens(adapter: Adapter, reducer: str) -> None:
+def require_tokens(adapter: Adapter, reducer: str) -> TokenAdapter:
     """A token reducer needs an adapter with tokens (checked before scoring, and again when installing)."""
-    if not adapter.has_tokens:
+    if not isinstance(adapter, TokenAdapter):
+        with_tokens = [i.name for i in registry.plugins("adapter")
+                       if i.available and isinstance(registry.get("adapter", i.name), type)
+                       and issubclass(registry.get("adapter", i.name), TokenAdapter)]
         raise OptinError(f"--reducer {reducer}: adapter {adapter.name!r} has no tokens to reduce; token reducers "
-                         "work with the vision adapters (vit)")
+                         f"work with the adapters that have tokens ({', '.join(with_tokens) or 'none installed'})")
+    return adapter
+
+
+def token_searcher(searcher: str, options: dict | None = None) -> TokenSearcher:
+    """The searcher plugin ``searcher``, which must also schedule tokens."""
+    impl = registry.create("searcher", searcher, options)
+    if not isinstance(impl, TokenSearcher):
+        raise OptinError(f"--reducer needs a token searcher (e.g. --searcher token-schedule); {searcher!r} "
+                         "only chooses heads/neurons")
+    return impl
 
 
 def reduce_tokens(adapter: Adapter, reducer: str, budget: float, macs_before: float, *, searcher: str = "token-schedule",
                   options: dict | None = None, token_importance: torch.Tensor | None = None,
-                  token_scorer: Any = None) -> list[int]:
+                  token_scorer: TokenScorer | None = None) -> list[int]:
     """Install a token reducer on a schedule whose MACs fit ``budget * macs_before`` (after any
     head/neuron pruning already applied); returns the tokens removed per block."""
-    require_tokens(adapter, reducer)
-    options = dict(options or {})
-    shared = getattr(token_scorer, "similarity_tokens", None)
-    if shared is not None:  # Zero-TPrune: the token scorer's S-stage setting drives the prune reducer
-        options.setdefault("similarity_tokens", shared)
+    ad = require_tokens(adapter, reducer)
+    options = {**(token_scorer.method_options() if token_scorer is not None else {}), **(options or {})}
     impl = registry.create("reducer", reducer, options)
-    plan = registry.create("searcher", searcher, options)
-    if not hasattr(plan, "removals"):
-        raise OptinError(f"--reducer needs a token searcher (e.g. --searcher token-schedule); {searcher!r} "
-                         "only chooses heads/neurons")
+    plan = token_searcher(searcher, options)
     if impl.needs_importance and token_scorer is None:
         raise OptinError(f"reducer {reducer!r} drops tokens by importance: use a token scorer, e.g. --scorer wpr")
-    n_layers = len(next(iter(adapter.unit_counts().values())))
-    removals = plan.removals(adapter.n_tokens, adapter.protected, n_layers,
-                             lambda rem: adapter.cost_model(removals=rem).macs(), budget * macs_before,
-                             token_importance)
-    adapter.install_reducer(impl, removals, token_scorer)
-    return list(adapter.removals)  # as installed (a schedule never removes the last non-protected token)
+    if plan.needs_token_scores() and token_importance is None:
+        raise OptinError(f"searcher {searcher!r} schedules tokens from per-token scores and none were given: "
+                         "score with --scorer trajectory (it scores tokens for this searcher), or pick a schedule "
+                         "that needs none (--set schedule=constant)")
+    n_layers = len(next(iter(ad.unit_counts().values())))
+    removals = plan.removals(ad.n_tokens, ad.protected, n_layers,
+                             lambda rem: ad.cost_model(removals=rem).macs(), budget * macs_before, token_importance)
+    ad.install_reducer(impl, removals, token_scorer)
+    return list(ad.removals)  # as installed (a schedule never removes the last non-protected token)
 
 
 def _token_importance(scores: Scores | None) -> torch.Tensor | None:
@@ -211,106 +242,210 @@ def _token_importance(scores: Scores | None) -> torch.Tensor | None:
     return torch.stack(tokens) if tokens else None
 
 
-def run(model: str | None, *, task: str | Task | None = None, data: str | None = None,
-        scorer: str = "trajectory", searcher: str = "ptf", reducer: str | None = None, budget: float = 0.6,
-        output: str | Path = "optin-output", scores_file: str | Path | None = None, seed: int = 0,
-        calib_size: int = 128, eval_size: int = 1000, batch_size: int = 64, adapter: str | None = None,
-        options: dict | None = None, score_only: bool = False, recalibrate: bool = True) -> dict:
-    """The CLI's job: prune ``model`` on ``task`` and write the pruned model and ``report.json``."""
-    t_start = time.perf_counter()
-    budget = check_budget(budget)
-    for flag, value in (("calib-size", calib_size), ("eval-size", eval_size), ("batch-size", batch_size)):
-        if int(value) < 1:
-            raise OptinError(f"--{flag} must be a positive number of examples, got {value}")
-    options = dict(options or {})
-    if reducer and not hasattr(registry.get("searcher", searcher), "removals"):
+# --- the CLI's job, in stages ---------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    """What ``optin run`` / ``score`` / ``prune`` do: the fields their flags and YAML keys set."""
+
+    model: str | None = None
+    task: str | Task | None = None
+    data: str | None = None
+    scorer: str = "trajectory"
+    searcher: str = "ptf"
+    reducer: str | None = None
+    budget: float = 0.6
+    output: str | Path = "optin-output"
+    scores_file: str | Path | None = None
+    seed: int = 0
+    calib_size: int = 128
+    eval_size: int = 1000
+    batch_size: int = 64
+    adapter: str | None = None
+    options: dict = field(default_factory=dict)
+    score_only: bool = False
+    recalibrate: bool = True
+
+    def checked(self) -> "RunConfig":
+        """A copy with the budget and sizes validated (the only place a run checks them)."""
+        cfg = copy.copy(self)
+        cfg.budget = check_budget(self.budget)
+        for flag, value in (("calib-size", self.calib_size), ("eval-size", self.eval_size),
+                            ("batch-size", self.batch_size)):
+            if int(value) < 1:
+                raise OptinError(f"--{flag} must be a positive number of examples, got {value}")
+        cfg.options = dict(self.options or {})
+        cfg.model = self.model or "minilm-trec"
+        return cfg
+
+
+@dataclass
+class Plugins:
+    """The plugins a run uses, resolved and checked before any work."""
+
+    searcher: str
+    token_scorer: TokenScorer | None
+    token_scores: str | None  # what the token searcher asks of the unit scorer (see TOKEN_SCORES)
+
+
+def choose_plugins(cfg: RunConfig) -> Plugins:
+    """Resolve the searcher (a reducer needs a token searcher), check every plugin option against the
+    selected plugins, and find out what the token searcher needs from the scorer."""
+    searcher = cfg.searcher
+    if cfg.reducer and not issubclass(registry.get("searcher", searcher), TokenSearcher):
         # `optin run --scorer trajectory --reducer tome` is the paper's expanded configuration: the token
         # searcher prunes heads/neurons with PTF and then schedules tokens for the rest of the budget
-        say(f"--reducer {reducer}: using searcher 'token-schedule' (PTF for heads/neurons, then tokens)")
+        say(f"--reducer {cfg.reducer}: using searcher 'token-schedule' (PTF for heads/neurons, then tokens)")
         searcher = "token-schedule"
-    selected = [("scorer", scorer), ("searcher", searcher)] + ([("reducer", reducer)] if reducer else [])
-    registry.check_options(options, selected)  # unknown plugin names and option typos fail before any work
-    token_scorer = None
-    scorer_cls = registry.get("scorer", scorer)
-    if isinstance(scorer_cls, type) and issubclass(scorer_cls, TokenScorer):
-        token_scorer = registry.create("scorer", scorer, options)  # ranks tokens at run time, no unit scores
-    plan = registry.create("searcher", searcher, options)
-    if reducer and token_scorer is None and scorer == "trajectory" and getattr(plan, "schedule_kind", "") == "trajectory":
-        options.setdefault("tokens", True)  # OPTIN A.9: the schedule needs token trajectories
-        if not getattr(plan, "units", True):
-            options.setdefault("kinds", [])  # tokens only: no head/neuron scores needed
-    source = model or "minilm-trec"
-    the_task = resolve_task(task, data, source)
-    say(f"[bold]model[/bold] {source}   [bold]task[/bold] {the_task.name}   "
-        f"[bold]scorer[/bold] {scorer}   [bold]searcher[/bold] {searcher}   [bold]budget[/bold] {budget}"
-        + (f"   [bold]reducer[/bold] {reducer}" if reducer else ""))
-    ad = load_model(source, adapter)
-    if reducer is not None:
-        require_tokens(ad, reducer)  # fail before any scoring work
-    check_target(ad, the_task, source)
-    n_labels = getattr(getattr(ad.model, "config", None), "num_labels", None)
+    selected = [("scorer", cfg.scorer), ("searcher", searcher)] + ([("reducer", cfg.reducer)] if cfg.reducer else [])
+    registry.check_options(cfg.options, selected)  # unknown plugin names and option typos fail before any work
+    scorer_cls = registry.get("scorer", cfg.scorer)
+    token_scorer = registry.create("scorer", cfg.scorer, cfg.options) \
+        if isinstance(scorer_cls, type) and issubclass(scorer_cls, TokenScorer) else None
+    token_scores = None
+    if cfg.reducer and token_scorer is None:
+        plan = token_searcher(searcher, cfg.options)
+        if plan.needs_token_scores():
+            token_scores = "also" if plan.prunes_units() else "only"
+    return Plugins(searcher, token_scorer, token_scores)
+
+
+def load_stage(cfg: RunConfig) -> tuple[Adapter, Task]:
+    """The model (in eval mode) and the task, checked against each other."""
+    the_task = resolve_task(cfg.task, cfg.data, cfg.model)
+    say(f"[bold]model[/bold] {cfg.model}   [bold]task[/bold] {the_task.name}   "
+        f"[bold]scorer[/bold] {cfg.scorer}   [bold]searcher[/bold] {cfg.searcher}   [bold]budget[/bold] {cfg.budget}"
+        + (f"   [bold]reducer[/bold] {cfg.reducer}" if cfg.reducer else ""))
+    ad = load_model(cfg.model, cfg.adapter)
+    if cfg.reducer is not None:
+        require_tokens(ad, cfg.reducer)  # fail before any scoring work
+    check_target(ad, the_task, cfg.model)
+    n_labels = ad.num_classes()
     if n_labels is not None and the_task.metric != "agreement" and n_labels != the_task.num_labels \
-            and not score_only:
-        raise OptinError(f"model {source!r} predicts {n_labels} classes but task {the_task.name!r} has "
+            and not cfg.score_only:
+        raise OptinError(f"model {cfg.model!r} predicts {n_labels} classes but task {the_task.name!r} has "
                          f"{the_task.num_labels} ({', '.join(the_task.labels)}); fine-tune it on this task first "
                          "(`optin finetune`)")
     ad.model.eval()
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    calib = batches_of(ad, sample(the_task.examples("train"), calib_size, seed), calib_size)
-    scorer_name = scorer
-    t0 = time.perf_counter()
-    scores: Scores | None = None
-    seconds_scoring = 0.0
-    if scores_file is not None:
-        scores = Scores.load(scores_file)
-        scores.check_matches(ad.name, fingerprint(ad.model), ad.unit_counts(), f"scores file {scores_file}")
-        scorer_name = scores.scorer
-    elif token_scorer is None:
-        scores = score(ad, calib, scorer, options, seed, out / "scores.partial.safetensors")
-        seconds_scoring = time.perf_counter() - t0
-        scores.save(out / "scores.safetensors")
-    if score_only:
-        return {"scores": str(out / "scores.safetensors"), "seconds_scoring": seconds_scoring}
+    return ad, the_task
 
-    evals = batches_of(ad, sample(the_task.examples("test"), eval_size, seed), batch_size)
-    original = copy.deepcopy(ad)
-    seq_len = ad.seq_len(evals)
+
+def calibration_stage(ad: Adapter, task: Task, cfg: RunConfig) -> list[Batch]:
+    """One batch of ``calib_size`` training examples drawn with the run's seed."""
+    return batches_of(ad, sample(task.examples("train"), cfg.calib_size, cfg.seed), cfg.calib_size)
+
+
+def score_stage(ad: Adapter, calib: list[Batch], cfg: RunConfig, plugins: Plugins, out: Path
+                ) -> tuple[Scores | None, float]:
+    """Scores from ``scores_file`` (checked against the model) or computed (resumably) and saved; None for a
+    run-time token scorer. Returns the scores and the seconds spent scoring."""
+    if cfg.scores_file is not None:
+        scores = Scores.load(cfg.scores_file)
+        scores.check_matches(ad.name, fingerprint(ad.model), ad.unit_counts(), f"scores file {cfg.scores_file}")
+        return scores, 0.0
+    if plugins.token_scorer is not None:
+        return None, 0.0
+    t0 = time.perf_counter()
+    scores = score(ad, calib, cfg.scorer, cfg.options, cfg.seed, out / "scores.partial.safetensors",
+                   plugins.token_scores)
+    seconds = time.perf_counter() - t0
+    scores.save(out / "scores.safetensors")
+    return scores, seconds
+
+
+def search_stage(ad: Adapter, scores: Scores | None, cfg: RunConfig, plugins: Plugins, seq_len: float
+                 ) -> tuple[UnitTensors, CostModel]:
+    """Keep-masks under the budget; every unit kept when there are no unit scores (token-only runs)."""
     if scores is not None and any(t.numel() for v in scores.values.values() for t in v):
-        masks, costs = search(ad, scores, budget, seq_len, searcher, options)
-    else:  # token-only runs keep every head and neuron
-        costs = ad.cost_model(seq_len)
-        masks = {k: [torch.ones(n) for n in ns] for k, ns in ad.unit_counts().items()}
+        return _search(ad, scores, cfg.budget, seq_len, plugins.searcher, cfg.options)
+    return {k: [torch.ones(n) for n in ns] for k, ns in ad.unit_counts().items()}, ad.cost_model(seq_len)
+
+
+def apply_stage(ad: Adapter, masks: UnitTensors, calib: list[Batch], check: Batch, cfg: RunConfig
+                ) -> tuple[Adapter, dict]:
+    """Physically remove the masked units (in place) and check the result against the masked original on
+    ``check``; then re-estimate stale statistics. Returns the unpruned original and what was done."""
+    original = copy.deepcopy(ad)
     ad.prune(masks)
-    diff = _max_diff(original, masks, ad, evals[0])
-    recalibrated = bool(recalibrate) and ad.recalibrate(calib)  # after the removal == masking check
-    removals = None
-    macs_after = costs.macs_of_masks(masks)
-    if reducer is not None:
-        removals = reduce_tokens(ad, reducer, budget, costs.macs(), searcher=searcher, options=options,
-                                 token_importance=_token_importance(scores), token_scorer=token_scorer)
-        macs_after = ad.cost_model(seq_len, removals=removals).macs()
+    diff = _max_diff(original, masks, ad, check)
+    recalibrated = bool(cfg.recalibrate) and ad.recalibrate(calib)  # after the removal == masking check
+    return original, {"max_abs_diff_vs_masked": diff, "recalibrated": recalibrated}
+
+
+def token_stage(ad: Adapter, scores: Scores | None, cfg: RunConfig, plugins: Plugins, costs: CostModel,
+                seq_len: float) -> tuple[list[int] | None, float]:
+    """Install the token reducer for the rest of the budget; returns the removals and the MACs after."""
+    macs_after = None
+    if cfg.reducer is None:
+        return None, macs_after
+    removals = reduce_tokens(ad, cfg.reducer, cfg.budget, costs.macs(), searcher=plugins.searcher,
+                             options=cfg.options, token_importance=_token_importance(scores),
+                             token_scorer=plugins.token_scorer)
+    return removals, require_tokens(ad, cfg.reducer).cost_model(seq_len, removals=removals).macs()
+
+
+def evaluate_stage(original: Adapter, ad: Adapter, evals: list[Batch], task: Task) -> dict:
+    """The task's metric before and after, and the measured throughput of both on one batch."""
     with bar("evaluating", total=2 * len(evals)) as (advance, _):
-        metric_before = evaluate(original, evals, the_task.metric, original, advance)
-        metric_after = evaluate(ad, evals, the_task.metric, original, advance)
+        before = evaluate(original, evals, task.metric, original, advance)
+        after = evaluate(ad, evals, task.metric, original, advance)
     bench = evals[0]
     speed = throughput({"before": lambda: original.logits(bench), "after": lambda: ad.logits(bench)},
                        examples=ad.batch_size(bench), min_seconds=2.0)
-    report = {
-        "model": source, "adapter": ad.name, "task": the_task.name, "scorer": scorer_name,
-        "searcher": searcher, "reducer": reducer, "budget": budget, "seed": seed,
-        "calibration_examples": sum(ad.batch_size(b) for b in calib), "eval_examples": sum(ad.batch_size(b) for b in evals),
-        "seq_len": seq_len, "metric": the_task.metric, "metric_before": metric_before, "metric_after": metric_after,
-        "macs_before": costs.macs(), "macs_after": macs_after, "macs_ratio": macs_after / costs.macs(),
-        "params_before": params(original.model), "params_after": params(ad.model),
-        "throughput_before": speed["before"], "throughput_after": speed["after"],
-        "speedup": speed["after"] / speed["before"], "throughput_batch": ad.batch_size(bench),
-        "seconds_scoring": seconds_scoring, "seconds_total": time.perf_counter() - t_start,
-        "max_abs_diff_vs_masked": diff, "recalibrated": recalibrated, "kept": kept_counts(masks), "total": counts_of(masks),
-        "token_removals": removals, "options": options, "optin_version": __version__,
-        "date": _dt.date.today().isoformat(),
-    }
+    return {"metric_before": before, "metric_after": after, "throughput_before": speed["before"],
+            "throughput_after": speed["after"], "speedup": speed["after"] / speed["before"],
+            "throughput_batch": ad.batch_size(bench)}
+
+
+def export_stage(ad: Adapter, report: dict, out: Path) -> None:
+    """Write the pruned model and ``report.json``."""
     save_pruned(ad, out / "model", {k: report[k] for k in ("model", "task", "scorer", "searcher", "budget")})
     (out / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def run(model: str | None = None, **fields: Any) -> dict:
+    """The CLI's job: prune ``model`` on its task and write the pruned model and ``report.json``
+    (keyword arguments: the fields of ``RunConfig``)."""
+    return run_config(RunConfig(model=model, **fields))
+
+
+def run_config(config: RunConfig) -> dict:
+    """``run`` for a ``RunConfig``: the stages in order."""
+    t_start = time.perf_counter()
+    cfg = config.checked()
+    plugins = choose_plugins(cfg)
+    ad, the_task = load_stage(cfg)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    calib = calibration_stage(ad, the_task, cfg)
+    scores, seconds_scoring = score_stage(ad, calib, cfg, plugins, out)
+    if cfg.score_only:
+        return {"scores": str(out / "scores.safetensors"), "seconds_scoring": seconds_scoring}
+    evals = batches_of(ad, sample(the_task.examples("test"), cfg.eval_size, cfg.seed), cfg.batch_size)
+    seq_len = ad.seq_len(evals)
+    masks, costs = search_stage(ad, scores, cfg, plugins, seq_len)
+    original, applied = apply_stage(ad, masks, calib, evals[0], cfg)
+    removals, token_macs = token_stage(ad, scores, cfg, plugins, costs, seq_len)
+    macs_after = token_macs if token_macs is not None else costs.macs_of_masks(masks)
+    measured = evaluate_stage(original, ad, evals, the_task)
+    report = {
+        "model": cfg.model, "adapter": ad.name, "task": the_task.name,
+        "scorer": scores.scorer if scores is not None else cfg.scorer, "searcher": plugins.searcher,
+        "reducer": cfg.reducer, "budget": cfg.budget, "seed": cfg.seed,
+        "calibration_examples": sum(ad.batch_size(b) for b in calib),
+        "eval_examples": sum(ad.batch_size(b) for b in evals), "seq_len": seq_len, "metric": the_task.metric,
+        "metric_before": measured["metric_before"], "metric_after": measured["metric_after"],
+        "macs_before": costs.macs(), "macs_after": macs_after, "macs_ratio": macs_after / costs.macs(),
+        "params_before": params(original.model), "params_after": params(ad.model),
+        **{k: measured[k] for k in ("throughput_before", "throughput_after", "speedup", "throughput_batch")},
+        "seconds_scoring": seconds_scoring, "seconds_total": time.perf_counter() - t_start, **applied,
+        "kept": kept_counts(masks), "total": counts_of(masks), "token_removals": removals,
+        "options": cfg.options, "optin_version": __version__, "date": _dt.date.today().isoformat(),
+    }
+    export_stage(ad, report, out)
     notify("done", report=report)
     return report
+
+
+def config_fields() -> list[str]:
+    """The names of ``RunConfig``'s fields (what ``run`` accepts)."""
+    return list(asdict(RunConfig()))

@@ -14,14 +14,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from optin.contracts import Adapter, Batch, Trace
+from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
-from optin.masking import apply_unit_mask, masked_inputs
+from optin.hooking import removing
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
-from optin.hooking import removing
 
-from .common import first_k_masks, hf_model_from_plan, kept, slice_mlp, track
+from .common import HookedAdapter, first_k_masks, hf_model_from_plan, kept, slice_mlp, track
 
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
 
@@ -73,7 +72,7 @@ def _local_config(source: str) -> dict | None:
         return None
 
 
-class BertAdapter(Adapter):
+class BertAdapter(HookedAdapter):
     """HF BERT-family encoders: attention heads and FFN neurons."""
 
     name = "bert"
@@ -163,16 +162,15 @@ class BertAdapter(Adapter):
         return {"heads": [int(l.attention.self.num_attention_heads) for l in self.layers],
                 "neurons": [int(l.intermediate.dense.out_features) for l in self.layers]}
 
-    def _mask_targets(self, kind: str, layer: int) -> tuple[nn.Module, int]:
+    def _site(self, kind: str, layer: int) -> UnitSite:
         block = self.layers[layer]
         if kind == "heads":
-            return block.attention.output.dense, self.head_dim
-        if kind == "neurons":
-            return block.output.dense, 1
-        raise OptinError(f"adapter bert has no unit kind {kind!r} (kinds: heads, neurons)")
+            return UnitSite(block.attention.output.dense, self.head_dim)
+        return UnitSite(block.output.dense)
 
-    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
-        return masked_inputs(masks, self._mask_targets)
+    def valid_tokens(self, batch: Batch) -> torch.Tensor | None:
+        mask = batch.get("attention_mask")
+        return None if mask is None else mask.bool()
 
     def cost_model(self, seq_len: float) -> CostModel:
         L, H, d = float(seq_len), float(self.hidden), float(self.head_dim)
@@ -197,6 +195,9 @@ class BertAdapter(Adapter):
         return {"heads": heads, "neurons": neurons}
 
     # --- trajectory ------------------------------------------------------------------------------
+    def embedding_module(self, z: int) -> nn.Module:
+        return self.layers[z].output.dense
+
     chunk_size = 8  # examples per length-sorted chunk in trace/run_from (0 = no chunking)
 
     def _chunks(self, batch: Batch) -> list[tuple[torch.Tensor, Batch]]:
@@ -261,26 +262,18 @@ class BertAdapter(Adapter):
         start = chunk["starts"][layer].repeat(reps, 1, 1)
         block = self.layers[layer]
         saved_attention = block.attention
-        collected: dict[int, torch.Tensor] = {}
-        handles = [self.base.embeddings.register_forward_hook(lambda m, a, o: start)]
-        for z in range(layer, len(self.layers)):
-            handles.append(self.layers[z].output.dense.register_forward_hook(
-                lambda m, a, o, z=z: collected.__setitem__(z, o)))
-        module, size = self._mask_targets(kind, layer)
-        handles.append(module.register_forward_pre_hook(
-            lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
         full = self.encoder.layer
-        try:
-            if kind == "neurons":  # the masked FFN does not change this block's attention: replay it
-                block.attention = _Replay(chunk["attention"][layer].repeat(reps, 1, 1))
-            self.encoder.layer = nn.ModuleList(self.layers[layer:])
-            logits = self.logits(inputs)
-        finally:
-            self.encoder.layer = full
-            block.attention = saved_attention
-            for h in handles:
-                h.remove()
-        return collected, logits
+        with self.restart_hooks(kind, layer, masks, len(self.layers), lambda o: o) as collected, \
+                removing([self.base.embeddings.register_forward_hook(lambda m, a, o: start)]):
+            try:
+                if kind == "neurons":  # the masked FFN does not change this block's attention: replay it
+                    block.attention = _Replay(chunk["attention"][layer].repeat(reps, 1, 1))
+                self.encoder.layer = nn.ModuleList(self.layers[layer:])
+                logits = self.logits(inputs)
+            finally:
+                self.encoder.layer = full
+                block.attention = saved_attention
+        return dict(collected), logits
 
     @torch.no_grad()
     def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,

@@ -23,13 +23,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from optin.contracts import Adapter, Batch, Trace
+from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
-from optin.masking import apply_unit_mask
 from optin.units import CostModel, UnitTensors
 from optin.hooking import removing
 
-from .common import first_k_masks, image_collate, kept, track
+from .common import HookedAdapter, first_k_masks, image_collate, kept, track
 
 KIND = "channels"
 
@@ -61,12 +60,6 @@ class Op:
     in_unit: int | None = None
     out_unit: int | None = None
     depthwise: bool = False
-
-
-def scale_channels(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Multiply channel dim 1 of ``x`` (N, C, ...) by ``mask`` (C,), or by ``mask[r]`` for replica r when
-    ``mask`` is (R, C) and ``x`` stacks R replicas of a batch along dim 0 (``apply_unit_mask`` on dim 1)."""
-    return apply_unit_mask(x.movedim(1, -1), mask).movedim(-1, 1)
 
 
 @torch.no_grad()
@@ -187,7 +180,7 @@ def cost_from_ops(ops: list[Op], counts: list[int]) -> CostModel:
     return CostModel(per_unit={KIND: per_unit}, counts={KIND: list(counts)}, fixed=float(fixed), pairs=pairs)
 
 
-class ConvChannelAdapter(Adapter):
+class ConvChannelAdapter(HookedAdapter):
     """Base for CNNs pruned by conv output channels. Subclasses say where the layers are (``_find_layers``),
     how the forward runs (``stages`` then ``head``), the MACs (``_ops``) and how to rebuild (``spec``/``from_spec``)."""
 
@@ -268,25 +261,9 @@ class ConvChannelAdapter(Adapter):
     def unit_counts(self) -> dict[str, list[int]]:
         return {KIND: [int(l.conv.out_channels) for l in self.layers]}
 
-    def _hook(self, layer: ConvLayer, fn: Callable[[torch.Tensor], torch.Tensor]):
-        if layer.post:
-            return layer.mask_at.register_forward_hook(lambda m, a, o: fn(o))
-        return layer.mask_at.register_forward_pre_hook(lambda m, a: (fn(a[0]), *a[1:]))
-
-    def _check_kind(self, kind: str) -> None:
-        if kind != KIND:
-            raise OptinError(f"adapter {self.name!r} has no unit kind {kind!r} (kinds: {KIND})")
-
-    @contextmanager
-    def masked(self, masks: UnitTensors) -> Iterator[None]:  # noqa: D102 (see Adapter.masked)
-        handles = []
-        with removing(handles):
-            for kind, per_layer in masks.items():
-                self._check_kind(kind)
-                for layer, mask in zip(self.layers, per_layer):
-                    if mask is not None:
-                        handles.append(self._hook(layer, lambda x, m=mask: scale_channels(x, m)))
-            yield
+    def _site(self, kind: str, layer: int) -> UnitSite:
+        l = self.layers[layer]
+        return UnitSite(l.mask_at, 1, dim=1, output=l.post)
 
     def cost_model(self, seq_len: float | None = None) -> CostModel:
         costs = cost_from_ops(self._ops(self.hw()), self.unit_counts()[KIND])
@@ -299,6 +276,9 @@ class ConvChannelAdapter(Adapter):
         return {KIND: [l.conv.weight.detach().reshape(l.conv.out_channels, -1) for l in self.layers]}
 
     # --- trajectory ----------------------------------------------------------------------------------
+    def embedding_module(self, z: int) -> nn.Module:
+        return self.layers[z].embed
+
     @torch.no_grad()
     def trace(self, batch: Batch) -> Trace:
         inputs: dict[int, torch.Tensor] = {}
@@ -319,20 +299,14 @@ class ConvChannelAdapter(Adapter):
     def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
                  select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        self._check_kind(kind)
         reps = masks.shape[0] if masks.dim() == 2 else 1
         x = trace.state["inputs"][layer]
         x = x.repeat(reps, *([1] * (x.dim() - 1)))
-        collected: dict[int, torch.Tensor] = {}
-        handles = [self._hook(self.layers[layer], lambda t: scale_channels(t, masks))]
-        for z in range(layer, len(self.layers)):  # after the mask hook: embeddings see the masked map
-            handles.append(self.layers[z].embed.register_forward_hook(
-                lambda m, a, o, z=z: collected.__setitem__(z, select(o))))
-        with removing(handles):
+        with self.restart_hooks(kind, layer, masks, len(self.layers), select) as collected:
             for stage in self.stages()[self.layers[layer].start:]:
                 x = stage(x)
             logits = self.head(x)
-        return collected, logits
+        return dict(collected), logits
 
     # --- removal and persistence ---------------------------------------------------------------------
     def _in_channels(self) -> int:
@@ -345,7 +319,7 @@ class ConvChannelAdapter(Adapter):
         import torch_pruning as tp
 
         for kind in masks:
-            self._check_kind(kind)
+            self.check_kind(kind)
         per_layer = masks.get(KIND)
         if per_layer is None:
             return

@@ -1,16 +1,70 @@
-"""Pieces the built-in adapters share: image batches, MLP slicing, rebuilding HF models from a plan."""
+"""Pieces the built-in adapters share: the hook-masking base, image batches, MLP slicing, rebuilding HF
+models from a plan."""
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from optin.contracts import Batch, Trace
-from optin.hooking import removing
+from optin.contracts import Adapter, Batch, Trace, UnitSite
 from optin.errors import OptinError
+from optin.hooking import removing
+from optin.masking import mask_hook, masked_sites
 from optin.surgery import slice_linear
 from optin.units import UnitTensors
+
+
+class HookedAdapter(Adapter):
+    """An adapter that masks units with hooks at their ``unit_site`` and restarts forwards from cached
+    inputs. Subclasses implement ``_site(kind, layer)`` for their own kinds (the kind is checked here) and,
+    for trajectory scoring, ``embedding_module(z)``: the module whose output is block z's embedding."""
+
+    def _kinds(self) -> tuple[str, ...]:
+        return tuple(self.unit_kinds)
+
+    def check_kind(self, kind: str) -> None:
+        """An OptinError naming the kinds this adapter has, for any other kind."""
+        if kind not in self._kinds():
+            raise OptinError(f"adapter {self.name} has no unit kind {kind!r} (kinds: {', '.join(self._kinds())})")
+
+    def _site(self, kind: str, layer: int) -> UnitSite | None:
+        raise NotImplementedError
+
+    def unit_site(self, kind: str, layer: int) -> UnitSite | None:  # noqa: D102 (see Adapter.unit_site)
+        self.check_kind(kind)
+        return self._site(kind, layer)
+
+    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
+        for kind in masks:
+            self.check_kind(kind)
+        return masked_sites(masks, self._site)
+
+    # --- restarting forwards (trajectory) --------------------------------------------------------
+    def embedding_module(self, z: int) -> nn.Module:
+        """The module whose output is block ``z``'s trajectory embedding."""
+        raise NotImplementedError(f"adapter {self.name!r} does not support trajectory scoring")
+
+    def embedding_of(self, z: int, output: torch.Tensor) -> torch.Tensor:
+        """Block ``z``'s embedding from ``embedding_module(z)``'s output (default: as it is)."""
+        return output
+
+    @contextmanager
+    def restart_hooks(self, kind: str, layer: int, masks: torch.Tensor, n_blocks: int,
+                      select: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
+        """Within the context, ``kind`` units of ``layer`` are masked by ``masks`` (R, n) and every forward
+        records ``select(embedding_z)`` for blocks ``layer <= z < n_blocks`` in the yielded dict."""
+        site = self.unit_site(kind, layer)
+        if site is None:
+            raise OptinError(f"layer {layer} of adapter {self.name} has no {kind} to mask")
+        collected: dict[int, torch.Tensor] = {}
+        handles = [mask_hook(site, masks)]  # first: an embedding read at the same module sees the masked map
+        handles += [self.embedding_module(z).register_forward_hook(
+            lambda m, a, o, z=z: collected.__setitem__(z, select(self.embedding_of(z, o))))
+            for z in range(layer, n_blocks)]
+        with removing(handles):
+            yield collected
 
 
 @torch.no_grad()

@@ -17,14 +17,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from optin.contracts import Adapter, Batch, Trace
+from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
-from optin.masking import apply_unit_mask, masked_inputs
 from optin.units import CostModel, UnitTensors
-from optin.hooking import removing
 
 from . import swin_blocks as sb
-from .common import HFImageClassifier, first_k_masks, hf_model_from_plan, trace_blocks
+from .common import HFImageClassifier, HookedAdapter, first_k_masks, hf_model_from_plan, trace_blocks
 
 
 def _swin_of(model: nn.Module) -> nn.Module | None:
@@ -42,7 +40,7 @@ def _swin_of(model: nn.Module) -> nn.Module | None:
     return swin if ok else None
 
 
-class HFSwinAdapter(HFImageClassifier, Adapter):
+class HFSwinAdapter(HFImageClassifier, HookedAdapter):
     """HF transformers SwinForImageClassification: attention heads and MLP neurons of every block."""
 
     name = "hf-swin"
@@ -91,13 +89,11 @@ class HFSwinAdapter(HFImageClassifier, Adapter):
         return {"heads": [sb.hf_head_count(b) for b in self.blocks],
                 "neurons": [int(b.mlp.fc1.out_features) for b in self.blocks]}
 
-    def _mask_targets(self, kind: str, layer: int) -> tuple[nn.Module, int]:
-        if kind not in self.unit_kinds:
-            raise OptinError(f"adapter hf-swin has no unit kind {kind!r} (kinds: heads, neurons)")
-        return sb.hf_mask_target(self.blocks[layer], kind)
+    def _site(self, kind: str, layer: int) -> UnitSite:
+        return UnitSite(*sb.hf_mask_target(self.blocks[layer], kind))
 
-    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
-        return masked_inputs(masks, self._mask_targets)
+    def embedding_module(self, z: int) -> nn.Module:
+        return self.blocks[z].mlp.fc2
 
     def cost_model(self, seq_len: float | None = None) -> CostModel:
         per = [sb.hf_block_macs(i) for i in self.infos]
@@ -139,13 +135,7 @@ class HFSwinAdapter(HFImageClassifier, Adapter):
                  select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         reps = masks.shape[0]
-        collected: dict[int, torch.Tensor] = {}
-        handles = [self.blocks[z].mlp.fc2.register_forward_hook(
-            lambda m, a, o, z=z: collected.__setitem__(z, select(o))) for z in range(layer, len(self.blocks))]
-        module, size = self._mask_targets(kind, layer)
-        handles.append(module.register_forward_pre_hook(
-            lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
-        with removing(handles):
+        with self.restart_hooks(kind, layer, masks, len(self.blocks), select) as collected:
             if kind == "neurons":  # restart at the block's MLP from the cached residual
                 blk = self.blocks[layer]
                 x = trace.state["mids"][layer].repeat(reps, 1, 1)
@@ -153,7 +143,7 @@ class HFSwinAdapter(HFImageClassifier, Adapter):
                 logits = self._forward_from(x, layer, skip_first=True)
             else:
                 logits = self._forward_from(trace.state["starts"][layer].repeat(reps, 1, 1), layer)
-        return collected, logits
+        return dict(collected), logits
 
     # --- physical removal and persistence --------------------------------------------------------
     @torch.no_grad()

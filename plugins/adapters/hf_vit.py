@@ -14,15 +14,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from optin.contracts import Adapter, Batch, Trace
+from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
-from optin.masking import apply_unit_mask, masked_inputs
+from optin.hooking import removing
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
-from optin.hooking import removing
 
 from .bert import _Replay
-from .common import HFImageClassifier, first_k_masks, hf_model_from_plan, kept, slice_mlp, track
+from .common import HFImageClassifier, HookedAdapter, first_k_masks, hf_model_from_plan, kept, slice_mlp, track
 
 HF_VISION = {"vit", "deit"}
 
@@ -50,7 +49,7 @@ class _NoHeads(nn.Module):
         return self.o_proj(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
 
 
-class HFVitAdapter(HFImageClassifier, Adapter):
+class HFVitAdapter(HFImageClassifier, HookedAdapter):
     """HF transformers ViT/DeiT image classifiers: attention heads and MLP neurons."""
 
     name = "hf-vit"
@@ -88,15 +87,13 @@ class HFVitAdapter(HFImageClassifier, Adapter):
         return {"heads": [int(l.attention.num_attention_heads) for l in self.layers],
                 "neurons": [int(l.mlp.fc1.out_features) for l in self.layers]}
 
-    def _mask_targets(self, kind: str, layer: int) -> tuple[nn.Module, int]:
+    def _site(self, kind: str, layer: int) -> UnitSite:
         if kind == "heads":
-            return self.layers[layer].attention.o_proj, self.head_dim
-        if kind == "neurons":
-            return self.layers[layer].mlp.fc2, 1
-        raise OptinError(f"adapter hf-vit has no unit kind {kind!r} (kinds: heads, neurons)")
+            return UnitSite(self.layers[layer].attention.o_proj, self.head_dim)
+        return UnitSite(self.layers[layer].mlp.fc2)
 
-    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
-        return masked_inputs(masks, self._mask_targets)
+    def embedding_module(self, z: int) -> nn.Module:
+        return self.layers[z].mlp.fc2
 
     def cost_model(self, seq_len: float | None = None) -> CostModel:
         n, D, d = float(self.n_tokens), float(self.dim), float(self.head_dim)
@@ -146,25 +143,18 @@ class HFVitAdapter(HFImageClassifier, Adapter):
         start = trace.state["starts"][layer].repeat(reps, 1, 1)
         block = self.layers[layer]
         saved = block.attention
-        collected: dict[int, torch.Tensor] = {}
-        handles = [self.base.embeddings.register_forward_hook(lambda m, a, o: start)]
-        for z in range(layer, len(self.layers)):
-            handles.append(self.layers[z].mlp.fc2.register_forward_hook(
-                lambda m, a, o, z=z: collected.__setitem__(z, select(o))))
-        module, size = self._mask_targets(kind, layer)
-        handles.append(module.register_forward_pre_hook(lambda mod, args: (apply_unit_mask(args[0], masks, size),)))
         full = self.base.layers
-        try:
-            if kind == "neurons":
-                block.attention = _Replay(trace.state["attention"][layer].repeat(reps, 1, 1))
-            self.base.layers = nn.ModuleList(self.layers[layer:])
-            logits = self.logits({"pixel_values": pixels})
-        finally:
-            self.base.layers = full
-            block.attention = saved
-            for h in handles:
-                h.remove()
-        return collected, logits
+        with self.restart_hooks(kind, layer, masks, len(self.layers), select) as collected, \
+                removing([self.base.embeddings.register_forward_hook(lambda m, a, o: start)]):
+            try:
+                if kind == "neurons":
+                    block.attention = _Replay(trace.state["attention"][layer].repeat(reps, 1, 1))
+                self.base.layers = nn.ModuleList(self.layers[layer:])
+                logits = self.logits({"pixel_values": pixels})
+            finally:
+                self.base.layers = full
+                block.attention = saved
+        return dict(collected), logits
 
     @torch.no_grad()
     def prune(self, masks: UnitTensors) -> None:

@@ -34,13 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optin.contracts import Adapter, Batch, Trace
+from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
-from optin.masking import apply_unit_mask
 from optin.units import CostModel, UnitTensors
 from optin.hooking import removing
 
-from .common import first_k_masks, hf_model_from_plan, kept, slice_mlp, track
+from .common import HookedAdapter, first_k_masks, hf_model_from_plan, kept, slice_mlp, track
 from .swin_blocks import SwinBlockInfo, hf_block_macs, hf_merging_macs, hf_swin_blocks, neuron_weights
 
 EPS = 1e-8  # floor of the per-pixel class probabilities before the log
@@ -84,11 +83,6 @@ def _replicate(value: Any, reps: int) -> Any:
     return value
 
 
-def _mask_seq_first(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``apply_unit_mask`` for the decoder's (Q, R*B, h) sequence-first activations."""
-    return apply_unit_mask(x.transpose(0, 1), mask).transpose(0, 1)
-
-
 @contextmanager
 def _forward_replaced(module: nn.Module, fn: Callable[..., Any]) -> Iterator[None]:
     """Within the context ``module(...)`` returns ``fn(...)`` (hooks still fire): replays of cached outputs."""
@@ -99,7 +93,7 @@ def _forward_replaced(module: nn.Module, fn: Callable[..., Any]) -> Iterator[Non
         del module.forward
 
 
-class Mask2FormerAdapter(Adapter):
+class Mask2FormerAdapter(HookedAdapter):
     """HF Mask2Former (Swin backbone) semantic segmentation: backbone FFN neurons (+ decoder FFN neurons)."""
 
     name = "mask2former"
@@ -240,37 +234,23 @@ class Mask2FormerAdapter(Adapter):
             counts["decoder_neurons"] = [0] * self.n_b + [int(l.fc1.out_features) for l in self.dec_layers]
         return counts
 
-    def _check_kind(self, kind: str) -> None:
-        kinds = ("neurons", "decoder_neurons") if self.decoder_neurons else ("neurons",)
-        if kind not in kinds:
-            hint = " (construct the adapter with decoder_neurons=True)" if kind == "decoder_neurons" else ""
-            raise OptinError(f"adapter mask2former has no unit kind {kind!r}{hint}; kinds: {', '.join(kinds)}")
+    def _kinds(self) -> tuple[str, ...]:
+        return ("neurons", "decoder_neurons") if self.decoder_neurons else ("neurons",)
 
-    def _mask_hook(self, kind: str, layer: int, mask: torch.Tensor) -> torch.utils.hooks.RemovableHandle | None:
-        """A pre-hook scaling the FFN hidden neurons of ``layer`` (global index) by ``mask``; None where the
-        kind has no units at that position."""
-        self._check_kind(kind)
+    def check_kind(self, kind: str) -> None:
+        if kind == "decoder_neurons" and not self.decoder_neurons:
+            raise OptinError("adapter mask2former has no unit kind 'decoder_neurons' (construct the adapter with "
+                             "decoder_neurons=True); kinds: neurons")
+        super().check_kind(kind)
+
+    def _site(self, kind: str, layer: int) -> UnitSite | None:
+        """The FFN hidden neurons of ``layer`` (global index): a backbone block's ``mlp.fc2`` input, or a
+        decoder layer's ``fc2`` input (sequence-first (Q, B, h)); None where the kind has no units."""
         if kind == "neurons" and layer < self.n_b:
-            return self.infos[layer].block.mlp.fc2.register_forward_pre_hook(
-                lambda mod, args: (apply_unit_mask(args[0], mask), *args[1:]))
+            return UnitSite(self.infos[layer].block.mlp.fc2)
         if kind == "decoder_neurons" and self.n_b <= layer < self.n_b + self.n_d:
-            return self.dec_layers[layer - self.n_b].fc2.register_forward_pre_hook(
-                lambda mod, args: (_mask_seq_first(args[0], mask), *args[1:]))
-        if mask.shape[-1]:
-            raise OptinError(f"{kind} mask for layer {layer} has {mask.shape[-1]} units but that layer has none")
+            return UnitSite(self.dec_layers[layer - self.n_b].fc2, batch_dim=1)
         return None
-
-    @contextmanager
-    def masked(self, masks: UnitTensors) -> Iterator[None]:  # noqa: D102 (see Adapter.masked)
-        handles = []
-        with removing(handles):
-            for kind, per_layer in masks.items():
-                for layer, mask in enumerate(per_layer):
-                    if mask is not None:
-                        h = self._mask_hook(kind, layer, mask)
-                        if h is not None:
-                            handles.append(h)
-            yield
 
     def unit_weights(self) -> dict[str, list[torch.Tensor]]:
         out = {"neurons": [neuron_weights(i.block) for i in self.infos] + [torch.zeros(0, 1)] * self.n_d}
@@ -335,16 +315,11 @@ class Mask2FormerAdapter(Adapter):
         return CostModel(per_unit=per_unit, counts=counts, fixed=float(self._measured), notes=notes)
 
     # --- trajectory ---------------------------------------------------------------------------------
-    def _embedding_hooks(self, start: int, sink: Callable[[int, torch.Tensor], None]) -> list:
-        """Forward hooks sending the embedding of every position >= ``start`` to ``sink(z, (B, T, D))``."""
-        handles = []
-        for z in range(start, self.n_b):
-            handles.append(self.infos[z].block.mlp.fc2.register_forward_hook(
-                lambda m, a, o, z=z: sink(z, o)))
-        for k in range(max(0, start - self.n_b), self.n_d):
-            handles.append(self.dec_layers[k].fc2.register_forward_hook(
-                lambda m, a, o, z=self.n_b + k: sink(z, o.transpose(0, 1))))
-        return handles
+    def embedding_module(self, z: int) -> nn.Module:
+        return self.infos[z].block.mlp.fc2 if z < self.n_b else self.dec_layers[z - self.n_b].fc2
+
+    def embedding_of(self, z: int, output: torch.Tensor) -> torch.Tensor:
+        return output if z < self.n_b else output.transpose(0, 1)  # decoder: (Q, B, D) -> (B, Q, D)
 
     @torch.no_grad()
     def trace(self, batch: Batch) -> Trace:
@@ -352,7 +327,8 @@ class Mask2FormerAdapter(Adapter):
         block_in: dict[int, torch.Tensor] = {}
         stage_out: dict[int, tuple] = {}
         cache: dict[str, Any] = {}
-        handles = self._embedding_hooks(0, emb.__setitem__)
+        handles = [self.embedding_module(z).register_forward_hook(
+            lambda m, a, o, z=z: emb.__setitem__(z, self.embedding_of(z, o))) for z in range(self.n_b + self.n_d)]
         for i, info in enumerate(self.infos):
             handles.append(info.block.register_forward_pre_hook(
                 lambda m, a, k, i=i: block_in.__setitem__(i, a[0] if a else k["hidden_states"]), with_kwargs=True))
@@ -373,19 +349,12 @@ class Mask2FormerAdapter(Adapter):
     def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
                  select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        self._check_kind(kind)
         reps = int(masks.shape[0])
         st = trace.state
-        collected: dict[int, torch.Tensor] = {}
         pixels = self._pixels(batch)
         pixels = pixels.repeat(reps, 1, 1, 1)
         with ExitStack() as stack:
-            handle = self._mask_hook(kind, layer, masks)
-            if handle is None:
-                raise OptinError(f"layer {layer} has no {kind} to mask")
-            stack.callback(handle.remove)
-            for h in self._embedding_hooks(layer, lambda z, o: collected.__setitem__(z, select(o))):
-                stack.callback(h.remove)
+            collected = stack.enter_context(self.restart_hooks(kind, layer, masks, self.n_b + self.n_d, select))
             if kind == "neurons":
                 info = self.infos[layer]
                 embed = _replicate(st["embed"], reps)
@@ -403,13 +372,13 @@ class Mask2FormerAdapter(Adapter):
                 stack.enter_context(_forward_replaced(self.model.model.pixel_level_module,
                                                       lambda *a, **k: pixel))
             logits = self.logits({"pixel_values": pixels})
-        return collected, logits
+        return dict(collected), logits
 
     # --- physical removal and persistence -----------------------------------------------------------
     @torch.no_grad()
     def prune(self, masks: UnitTensors) -> None:
         for kind in masks:
-            self._check_kind(kind)
+            self.check_kind(kind)
         for i, info in enumerate(self.infos):
             if "neurons" in masks and masks["neurons"][i] is not None:
                 keep = kept(masks["neurons"][i])

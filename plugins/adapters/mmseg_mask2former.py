@@ -28,13 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optin.contracts import Adapter, Batch, Trace
+from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
-from optin.masking import apply_unit_mask, masked_inputs
 from optin.units import CostModel, UnitTensors
 from optin.hooking import removing
 
-from .common import first_k_masks, image_collate, kept, slice_mlp, track
+from .common import HookedAdapter, first_k_masks, image_collate, kept, slice_mlp, track
 
 DEFAULT_CONFIG = "mask2former_swin-t_8xb2-90k_cityscapes-512x1024"
 INSTALL_HINT = ("needs mmcv with its compiled ops + mmsegmentation 1.x: pip install --no-deps <mmcv 2.1.0 wheel "
@@ -142,7 +141,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-class MMSegMask2FormerAdapter(Adapter):
+class MMSegMask2FormerAdapter(HookedAdapter):
     """mmsegmentation Mask2Former (Swin backbone): FFN neurons of the Swin blocks; needs mmcv + mmseg."""
 
     name = "mmseg-mask2former"
@@ -320,15 +319,13 @@ class MMSegMask2FormerAdapter(Adapter):
     def unit_counts(self) -> dict[str, list[int]]:
         return {"neurons": [int(b.ffn.layers[0][0].out_features) for b in self.blocks]}
 
-    def _mask_target(self, kind: str, layer: int) -> tuple[nn.Module, int]:
-        if kind != "neurons":
-            raise OptinError(f"adapter mmseg-mask2former has no unit kind {kind!r} (kinds: neurons)")
+    def _site(self, kind: str, layer: int) -> UnitSite:
         if not 0 <= layer < len(self.blocks):
             raise OptinError(f"adapter mmseg-mask2former has {len(self.blocks)} Swin blocks, not a block {layer}")
-        return self.blocks[layer].ffn.layers[1], 1
+        return UnitSite(self.blocks[layer].ffn.layers[1])
 
-    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
-        return masked_inputs(masks, self._mask_target)
+    def embedding_module(self, z: int) -> nn.Module:
+        return self.blocks[z].ffn.layers[1]
 
     def unit_weights(self) -> dict[str, list[torch.Tensor]]:
         return {"neurons": [torch.cat([b.ffn.layers[0][0].weight, b.ffn.layers[1].weight.t()], 1).detach()
@@ -415,22 +412,17 @@ class MMSegMask2FormerAdapter(Adapter):
         """Exact restart: the masked block's FFN from its cached input and residual, then the rest of the
         backbone, then the decode head, for R = len(masks) replicas at once."""
         reps = masks.shape[0]
-        module, size = self._mask_target(kind, layer)
-        collected: dict[int, torch.Tensor] = {}
-        handles = [self.blocks[z].ffn.layers[1].register_forward_hook(
-            lambda m, a, o, z=z: collected.__setitem__(z, select(o))) for z in range(layer, len(self.blocks))]
-        handles.append(module.register_forward_pre_hook(lambda mod, args: (apply_unit_mask(args[0], masks, size),)))
         s0 = self.stage_of[layer][0]
         n_earlier = sum(1 for s in self.backbone.out_indices if s < s0)
         earlier = [o.repeat(reps, 1, 1, 1) for o in trace.state["outs"][:n_earlier]]
-        with removing(handles):
+        with self.restart_hooks(kind, layer, masks, len(self.blocks), select) as collected:
             blk = self.blocks[layer]
             ffn_x, identity = trace.state["ffn_in"][layer]
             hw = trace.state["starts"][layer][1]
             x = blk.ffn(ffn_x.repeat(reps, 1, 1), identity=identity.repeat(reps, 1, 1))
             feats = self._backbone_from(x, hw, layer, True, earlier)
             logits = self._decode(feats, self._pixels(batch).repeat(reps, 1, 1, 1))
-        return collected, logits
+        return dict(collected), logits
 
     # --- physical removal and persistence --------------------------------------------------------
     @torch.no_grad()

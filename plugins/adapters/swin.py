@@ -19,14 +19,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from optin.contracts import Adapter, Batch, Trace
+from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
-from optin.masking import apply_unit_mask, masked_inputs
 from optin.units import CostModel, UnitTensors
-from optin.hooking import removing
 
 from . import swin_blocks as sb
-from .common import first_k_masks, image_collate, trace_blocks
+from .common import HookedAdapter, first_k_masks, image_collate, trace_blocks
+from .timm_io import load_timm, timm_from_config
 
 
 def _blocks_of(model: nn.Module) -> list[tuple[int, int, nn.Module]] | None:
@@ -55,7 +54,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1, -2) if x.dim() == 4 else x
 
 
-class SwinAdapter(Adapter):
+class SwinAdapter(HookedAdapter):
     """timm SwinTransformer classifiers: attention heads and MLP neurons of every block."""
 
     name = "swin"
@@ -89,24 +88,7 @@ class SwinAdapter(Adapter):
 
     @classmethod
     def load(cls, source: str, num_labels: int | None = None) -> "SwinAdapter":
-        if source.startswith("timm:"):
-            import timm
-
-            name = source[5:]
-            try:
-                model = timm.create_model(name, pretrained=True, **({"num_classes": num_labels} if num_labels else {}))
-            except Exception as exc:
-                raise OptinError(f"cannot load timm model {name!r} with pretrained weights ({exc}); offline, "
-                                 "use a local folder with config.json + model.safetensors") from exc
-            cfg = model.pretrained_cfg or {}
-            return cls(model.eval(), {"timm_name": name, "num_classes": model.num_classes,
-                                      "mean": cfg.get("mean"), "std": cfg.get("std")})
-        from optin_plugins.zoo.vit_fmnist import load_timm_folder  # config.json (timm_class, model_args)
-
-        model = load_timm_folder(source)
-        if num_labels and num_labels != model.num_classes:
-            model.reset_classifier(num_labels)
-        return cls(model.eval(), json.loads((Path(source) / "config.json").read_text()))
+        return cls(*load_timm(source, num_labels))
 
     # --- data ------------------------------------------------------------------------------------
     def collate(self, examples: list[dict]) -> Batch:
@@ -124,13 +106,14 @@ class SwinAdapter(Adapter):
         return {"heads": [int(b.attn.num_heads) for b in self.blocks],
                 "neurons": [int(b.mlp.fc1.out_features) for b in self.blocks]}
 
-    def _mask_targets(self, kind: str, layer: int) -> tuple[nn.Module, int]:
-        if kind not in self.unit_kinds:
-            raise OptinError(f"adapter swin has no unit kind {kind!r} (kinds: heads, neurons)")
-        return sb.timm_mask_target(self.blocks[layer], kind)
+    def _site(self, kind: str, layer: int) -> UnitSite:
+        return UnitSite(*sb.timm_mask_target(self.blocks[layer], kind))
 
-    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
-        return masked_inputs(masks, self._mask_targets)
+    def embedding_module(self, z: int) -> nn.Module:
+        return self.blocks[z].mlp.fc2
+
+    def embedding_of(self, z: int, output: torch.Tensor) -> torch.Tensor:
+        return _flat(output)
 
     def cost_model(self, seq_len: float | None = None) -> CostModel:
         heads, neurons = [], []
@@ -179,15 +162,9 @@ class SwinAdapter(Adapter):
                  select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         reps = masks.shape[0]
-        collected: dict[int, torch.Tensor] = {}
-        handles = [self.blocks[z].mlp.fc2.register_forward_hook(
-            lambda m, a, o, z=z: collected.__setitem__(z, select(_flat(o)))) for z in range(layer, len(self.blocks))]
-        module, size = self._mask_targets(kind, layer)
-        handles.append(module.register_forward_pre_hook(
-            lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
         start = trace.state["starts"][layer]
         start = start.repeat(reps, *([1] * (start.dim() - 1)))
-        with removing(handles):
+        with self.restart_hooks(kind, layer, masks, len(self.blocks), select) as collected:
             if kind == "neurons":  # restart inside the block: its MLP half only (timm's block forward)
                 blk = self.blocks[layer]
                 mid = trace.state["mids"][layer]
@@ -196,7 +173,7 @@ class SwinAdapter(Adapter):
                 logits = self._forward_from(x.reshape(start.shape), layer, skip_first=True)
             else:
                 logits = self._forward_from(start, layer)
-        return collected, logits
+        return dict(collected), logits
 
     # --- physical removal and persistence --------------------------------------------------------
     @torch.no_grad()
@@ -210,22 +187,7 @@ class SwinAdapter(Adapter):
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "SwinAdapter":
         cfg = plan.get("timm_config") or {}
-        if "model_args" in cfg:
-            from optin_plugins.zoo.vit_fmnist import _timm_class
-
-            if cfg.get("timm_class") != "SwinTransformer":
-                raise OptinError(f"cannot rebuild timm class {cfg.get('timm_class')!r} with adapter swin "
-                                 "(supported: SwinTransformer)")
-            model = _timm_class("SwinTransformer")(**cfg["model_args"])
-        elif "timm_name" in cfg:
-            import timm
-
-            model = timm.create_model(cfg["timm_name"], pretrained=False, num_classes=cfg["num_classes"])
-        else:
-            raise OptinError("this pruned Swin was exported without its timm config (timm_class + model_args, or "
-                             "timm_name); pass the model with processor={'timm_class': 'SwinTransformer', "
-                             "'model_args': {...}} before pruning")
-        adapter = cls(model.eval(), cfg)
+        adapter = cls(timm_from_config(cfg, "SwinTransformer"), cfg)
         adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
         adapter.kept_index = plan.get("kept_index", adapter.kept_index)
         return adapter

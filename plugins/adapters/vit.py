@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optin.contracts import Adapter, Batch, Reducer, TokenScorer, Trace
+from optin.contracts import Batch, Reducer, TokenAdapter, TokenScorer, Trace, UnitSite
 from optin.errors import OptinError
-from optin.masking import apply_unit_mask, masked_inputs
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
-from optin.hooking import removing
 
-from .common import first_k_masks, image_collate, kept, slice_mlp, trace_blocks, track
+from .common import HookedAdapter, first_k_masks, image_collate, kept, slice_mlp, trace_blocks, track
+from .timm_io import load_timm, timm_from_config
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -145,12 +144,11 @@ def _options_of(plugin: Any) -> dict:
     return {k: getattr(plugin, k) for k in option_names(type(plugin)) if hasattr(plugin, k)}
 
 
-class VitAdapter(Adapter):
+class VitAdapter(HookedAdapter, TokenAdapter):
     """timm VisionTransformer (DeiT/ViT): attention heads, MLP neurons and tokens."""
 
     name = "vit"
     unit_kinds = ("heads", "neurons")
-    has_tokens = True
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
         super().__init__(model, processor)
@@ -186,21 +184,7 @@ class VitAdapter(Adapter):
 
     @classmethod
     def load(cls, source: str, num_labels: int | None = None) -> "VitAdapter":
-        import timm
-
-        if source.startswith("timm:"):
-            name = source[5:]
-            try:
-                model = timm.create_model(name, pretrained=True, **({"num_classes": num_labels} if num_labels else {}))
-            except Exception as exc:
-                raise OptinError(f"cannot load timm model {name!r} with pretrained weights ({exc}); offline, "
-                                 "use a local folder with config.json + model.safetensors") from exc
-            cfg = model.pretrained_cfg or {}
-            return cls(model.eval(), {"mean": cfg.get("mean"), "std": cfg.get("std")})
-        from optin_plugins.zoo.vit_fmnist import load_timm_folder  # the folder format the zoo writes
-
-        model = load_timm_folder(source)
-        return cls(model.eval(), json.loads((Path(source) / "config.json").read_text()))
+        return cls(*load_timm(source, num_labels))
 
     # --- data ------------------------------------------------------------------------------------
     def collate(self, examples: list[dict]) -> Batch:
@@ -217,16 +201,11 @@ class VitAdapter(Adapter):
         return {"heads": [int(b.attn.num_heads) for b in self.blocks],
                 "neurons": [int(b.mlp.fc1.out_features) for b in self.blocks]}
 
-    def _mask_targets(self, kind: str, layer: int) -> tuple[nn.Module, int]:
+    def _site(self, kind: str, layer: int) -> UnitSite:
         b = self.blocks[layer]
         if kind == "heads":
-            return b.attn.proj, self.head_dim
-        if kind == "neurons":
-            return b.mlp.fc2, 1
-        raise OptinError(f"adapter vit has no unit kind {kind!r} (kinds: heads, neurons)")
-
-    def masked(self, masks: UnitTensors):  # noqa: D102 (see Adapter.masked)
-        return masked_inputs(masks, self._mask_targets)
+            return UnitSite(b.attn.proj, self.head_dim)
+        return UnitSite(b.mlp.fc2)
 
     def token_counts(self, removals: list[int] | None = None) -> tuple[list[int], list[int]]:
         """Tokens entering each block's attention and MLP under a schedule of removals per block."""
@@ -279,9 +258,8 @@ class VitAdapter(Adapter):
         self._require_plain("trajectory scoring")
         return trace_blocks(self.blocks, lambda: self.logits(batch), lambda b: b.norm2, lambda b: b.mlp.fc2)
 
-    def token_units(self) -> int:
-        """Token positions that can be scored/removed (all but the class/distillation tokens)."""
-        return self.n_tokens - self.protected
+    def embedding_module(self, z: int) -> nn.Module:
+        return self.blocks[z].mlp.fc2
 
     def _run_tokens_removed(self, trace: Trace, layer: int, masks: torch.Tensor,
                             select: Callable[[torch.Tensor], torch.Tensor]
@@ -312,13 +290,7 @@ class VitAdapter(Adapter):
         if kind == "tokens":
             return self._run_tokens_removed(trace, layer, masks, select)
         reps = masks.shape[0]
-        collected: dict[int, torch.Tensor] = {}
-        handles = [self.blocks[z].mlp.fc2.register_forward_hook(
-            lambda m, a, o, z=z: collected.__setitem__(z, select(o))) for z in range(layer, len(self.blocks))]
-        module, size = self._mask_targets(kind, layer)
-        handles.append(module.register_forward_pre_hook(
-            lambda mod, args: (apply_unit_mask(args[0], masks, size), *args[1:])))
-        with removing(handles):
+        with self.restart_hooks(kind, layer, masks, len(self.blocks), select) as collected:
             if kind == "neurons":  # restart inside the block: the MLP half only
                 blk = self.blocks[layer]
                 x = trace.state["mids"][layer].repeat(reps, 1, 1)
@@ -326,7 +298,7 @@ class VitAdapter(Adapter):
                 logits = self._tail(x, layer + 1)
             else:
                 logits = self._tail(trace.state["starts"][layer].repeat(reps, 1, 1), layer)
-        return collected, logits
+        return dict(collected), logits
 
     # --- physical removal ------------------------------------------------------------------------
     def _require_plain(self, what: str) -> None:
@@ -393,14 +365,7 @@ class VitAdapter(Adapter):
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "VitAdapter":
         cfg = plan.get("timm_config") or {}
-        if "model_args" not in cfg:
-            raise OptinError("this pruned ViT was exported without its timm config (timm_class, model_args); "
-                             "it cannot be rebuilt")
-        if cfg.get("timm_class", "VisionTransformer") != "VisionTransformer":
-            raise OptinError(f"cannot rebuild timm class {cfg.get('timm_class')!r} (supported: VisionTransformer)")
-        from timm.models.vision_transformer import VisionTransformer
-
-        adapter = cls(VisionTransformer(**cfg["model_args"]).eval(), cfg)
+        adapter = cls(timm_from_config(cfg, "VisionTransformer"), cfg)
         adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
         adapter.kept_index = plan.get("kept_index", adapter.kept_index)
         spec = plan.get("reducer")
@@ -414,5 +379,5 @@ class VitAdapter(Adapter):
         return adapter
 
     def save_extras(self, directory: str) -> None:
-        if isinstance(self.processor, dict):
+        if isinstance(self.processor, dict) and "model_args" in self.processor:
             (Path(directory) / "config.json").write_text(json.dumps(self.processor, indent=2))

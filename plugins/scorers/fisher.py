@@ -21,6 +21,7 @@ class FisherScorer(Scorer):
     """Sum over micro-batches of (d task loss / d unit mask)^2."""
 
     name = "fisher"
+    scale = "global"
     needs_labels = True
 
     def __init__(self, micro_batch: int = 8) -> None:

@@ -9,6 +9,7 @@ class MagnitudeScorer(Scorer):
     """Norm of each unit's weights (heads: Q/K/V rows + output columns; neurons: in row + out column)."""
 
     name = "magnitude"
+    scale = "global"
 
     def __init__(self, p: float = 2.0) -> None:
         self.p = float(p)

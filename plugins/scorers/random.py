@@ -11,6 +11,7 @@ class RandomScorer(Scorer):
     """Uniform random importance per unit (seeded)."""
 
     name = "random"
+    scale = "global"
 
     def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
         g = torch.Generator().manual_seed(ctx.seed)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from optin.contracts import Adapter, Batch, ScoreContext, Scorer, Trace
+from optin.contracts import Adapter, Batch, ScoreContext, Scorer, TokenAdapter, Trace
 from optin.errors import OptinError
 from optin.losses import (batch_mean, feature_mse, kd_divergence, manifold_distance, relation_map, sample_rows,
                           select_rows)
@@ -84,6 +84,8 @@ class TrajectoryScorer(Scorer):
     """OPTIN: manifold + logit distillation along the forward trajectory when a unit is masked."""
 
     name = "trajectory"
+    scale = "global"  # distances along the trajectory, in one unit for every kind and layer
+    scores_tokens = True
 
     def __init__(self, temperature: float = 4.0, lambda_kd: float | str = "auto", lambda_contribution: float = 10.0,
                  rows: int = 768, neuron_group: int = 1, tokens_per_forward: int = 32768,
@@ -101,6 +103,11 @@ class TrajectoryScorer(Scorer):
         self.tokens = bool(tokens)
         self.extras: dict[str, UnitTensors] = {}
 
+    def request_tokens(self, units: bool = True) -> None:
+        self.tokens = True
+        if not units:
+            self.kinds = []
+
     def describe(self) -> dict:
         return {"temperature": self.temperature, "lambda_kd": self.lambda_kd,
                 "lambda_contribution": self.contribution, "rows": self.rows, "neuron_group": self.neuron_group,
@@ -114,12 +121,12 @@ class TrajectoryScorer(Scorer):
         kinds = list(counts) if self.kinds is None else list(self.kinds)
         n_layers = len(next(iter(counts.values())))
         if self.tokens:  # OPTIN A.9: token positions as units, removed from their block on
-            if not hasattr(adapter, "token_units"):
+            if not isinstance(adapter, TokenAdapter):
                 raise OptinError(f"adapter {adapter.name!r} has no tokens to score (tokens=true)")
             counts["tokens"] = [adapter.token_units()] * n_layers
             kinds.append("tokens")
         traces = [adapter.trace(b) for b in batches]
-        distance = getattr(adapter, "trajectory_distance", "manifold")
+        distance = adapter.trajectory_distance
         if distance not in ("manifold", "feature-mse"):
             raise OptinError(f"adapter {adapter.name!r} asks for trajectory distance {distance!r}; known: manifold, "
                              "feature-mse")

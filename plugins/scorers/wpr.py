@@ -104,6 +104,12 @@ class WPRScorer(Scorer, TokenScorer):
         if not 0.0 <= self.var_low <= self.var_high:
             raise OptinError(f"wpr scorer: need 0 <= var_low <= var_high, got {self.var_low}, {self.var_high}")
 
+    def method_options(self) -> dict:
+        """Zero-TPrune: the token-schedule searcher prunes at given layers (``schedule=layers``: this
+        scorer's pattern when set, else the reference pattern moved to the model's depth) and the prune
+        reducer runs the similarity stage on ``similarity_tokens`` tokens."""
+        return {"schedule": "layers", "similarity_tokens": self.similarity_tokens}
+
     def describe(self) -> dict:
         return {"pruning_layers": list(self.pruning_layers), "retention": list(self.retention),
                 "similarity_tokens": self.similarity_tokens, "var_low": self.var_low, "var_high": self.var_high}

@@ -19,23 +19,44 @@ from typing import Callable
 
 import torch
 
-from optin.contracts import Searcher
+from optin.contracts import MacsOf, TokenSearcher
 from optin.errors import BudgetError, OptinError
 from optin.units import CostModel, UnitTensors
 
 from .ptf import PTFSearcher
 
-MacsOf = Callable[[list[int]], float]  # removals per block -> MACs
+# Zero-TPrune's reference configuration, for DeiT-S (12 blocks): prune after blocks 1, 3, 6, 9, 11 keeping
+# these fractions of the tokens (DESIGN.md 3.6).
+REFERENCE_DEPTH = 12
+REFERENCE_LAYERS = (1, 3, 6, 9, 11)
+REFERENCE_RETENTION = (1.0, 0.9, 0.8, 0.7, 1.0)
+
+
+def scaled_layers(layers: list[int] | tuple[int, ...], retention: list[float] | tuple[float, ...], depth: int,
+                  reference_depth: int = REFERENCE_DEPTH) -> tuple[list[int], list[float]]:
+    """A pruning-layer pattern defined for ``reference_depth`` blocks, moved to a model of ``depth`` blocks:
+    block l goes to ``round(l * (depth - 1) / (reference_depth - 1))`` (first and last block stay first and
+    last; exact for ``depth == reference_depth``), and retentions of layers that land on the same block
+    multiply (the same fraction of tokens survives in all)."""
+    if depth == reference_depth or reference_depth < 2:
+        return list(layers), list(retention)
+    merged: dict[int, float] = {}
+    for layer, keep in zip(layers, retention):
+        at = int(round(layer * (depth - 1) / (reference_depth - 1)))
+        merged[at] = merged.get(at, 1.0) * float(keep)
+    at = sorted(merged)
+    return at, [merged[a] for a in at]
 
 
 def smallest_fitting(candidates: int, schedule_of: Callable[[int], list[int]], macs_of: MacsOf,
-                     target: float) -> list[int]:
+                     target: float, units: bool = False) -> list[int]:
     """The schedule for the smallest integer strength in [0, candidates] whose MACs fit the target
     (MACs fall as strength grows)."""
     lo, hi = 0, candidates
     if macs_of(schedule_of(hi)) > target:
         raise BudgetError(f"even the strongest schedule keeps {macs_of(schedule_of(hi)):.4g} MACs, above the "
-                          f"target {target:.4g}; raise the budget or prune heads/neurons too (units=true)")
+                          f"target {target:.4g}; raise the budget" + ("" if units else
+                                                                     " or prune heads/neurons too (units=true)"))
     while lo < hi:
         mid = (lo + hi) // 2
         if macs_of(schedule_of(mid)) <= target:
@@ -92,7 +113,7 @@ def layer_removals(n_tokens: int, protected: int, layers: list[int], retention: 
     return removals
 
 
-class TokenScheduleSearcher(Searcher):
+class TokenScheduleSearcher(TokenSearcher):
     """Heads/neurons by PTF (optional) plus a per-block token schedule that meets the MACs budget."""
 
     name = "token-schedule"
@@ -104,8 +125,29 @@ class TokenScheduleSearcher(Searcher):
         self.schedule_kind = schedule
         self.units = bool(units)
         self.unit_budget = unit_budget
-        self.pruning_layers = pruning_layers or [1, 3, 6, 9, 11]
-        self.retention = retention or [1.0, 0.9, 0.8, 0.7, 1.0]
+        self.pruning_layers = pruning_layers
+        self.retention = retention
+
+    def needs_token_scores(self) -> bool:
+        return self.schedule_kind == "trajectory"
+
+    def prunes_units(self) -> bool:
+        return self.units
+
+    def layer_pattern(self, n_layers: int) -> tuple[list[int], list[float]]:
+        """Pruning layers and retentions for a model of ``n_layers`` blocks: the user's, or Zero-TPrune's
+        reference pattern moved to this depth (``scaled_layers``)."""
+        if self.pruning_layers is None:
+            return scaled_layers(REFERENCE_LAYERS, self.retention or REFERENCE_RETENTION, n_layers)
+        layers, retention = list(self.pruning_layers), list(self.retention or REFERENCE_RETENTION)
+        if len(layers) != len(retention):
+            raise OptinError(f"pruning_layers ({len(layers)} entries) and retention ({len(retention)}) must have "
+                             "the same length")
+        beyond = [l for l in layers if not 0 <= int(l) < n_layers]
+        if beyond:
+            raise OptinError(f"pruning_layers {beyond} are not blocks of this model (it has {n_layers}: 0..{n_layers - 1});"
+                             " leave pruning_layers unset to scale Zero-TPrune's pattern to the model's depth")
+        return layers, retention
 
     def unit_budget_for(self, budget: float) -> float:
         if not self.units:
@@ -129,14 +171,16 @@ class TokenScheduleSearcher(Searcher):
                                  "(with --searcher token-schedule it scores tokens too)")
             return trajectory_removals(token_importance, macs_of, target)
         if self.schedule_kind == "constant":
-            return smallest_fitting(max(0, room // n_layers), lambda r: constant_removals(n_layers, r), macs_of, target)
+            return smallest_fitting(max(0, room // n_layers), lambda r: constant_removals(n_layers, r), macs_of, target,
+                                    self.units)
         if self.schedule_kind == "decreasing":
             return smallest_fitting(max(0, 2 * room // n_layers), lambda r: decreasing_removals(n_layers, r),
-                                    macs_of, target)
+                                    macs_of, target, self.units)
         # strength 1 is the configured retention; stronger (up to dropping everything at the most
         # aggressive layer) when the budget asks for more
-        top = 1.0 / max(1e-6, max(1 - r for r in self.retention))
+        layers, retention = self.layer_pattern(n_layers)
+        top = 1.0 / max(1e-6, max(1 - r for r in retention))
         steps = 1000
-        return smallest_fitting(steps, lambda s: layer_removals(n_tokens, protected, self.pruning_layers,
-                                                                self.retention, top * s / steps, n_layers),
-                                macs_of, target)
+        return smallest_fitting(steps, lambda s: layer_removals(n_tokens, protected, layers, retention,
+                                                                top * s / steps, n_layers),
+                                macs_of, target, self.units)

@@ -24,6 +24,7 @@ from optin.tasks import Task, get_task
 
 from .training import decay_groups, train_steps, warmup_cosine
 from .cache import is_built, publish, staging
+from ..adapters.timm_io import load_timm_folder, save_timm_folder, timm_class  # noqa: F401 (re-exported)
 
 NAME = "vit-fmnist"
 TASK = "fashion-mnist"
@@ -34,61 +35,12 @@ MODEL_ARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10,
 # Zen 4 core (measured: 765 s for the epoch on 1 thread beside a running benchmark, 73.1% test accuracy),
 # so about 7 minutes on an idle 2-core machine. A ViT learns slowly from scratch: more epochs buy accuracy.
 RECIPE = {"epochs": 1.0, "lr": 1e-3, "batch_size": 128, "weight_decay": 0.05, "warmup_fraction": 0.05, "seed": 0}
-TIMM_CLASSES = ("VisionTransformer", "SwinTransformer")  # classes load_timm_folder may rebuild (no arbitrary imports)
-
-
-def _timm_class(name: str) -> type[nn.Module]:
-    if name not in TIMM_CLASSES:
-        raise OptinError(f"unsupported timm class {name!r} in config.json (supported: {', '.join(TIMM_CLASSES)})")
-    if name == "SwinTransformer":
-        from timm.models.swin_transformer import SwinTransformer
-
-        return SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer
 
 
 def make_vit(model_args: dict | None = None, seed: int = 0) -> nn.Module:
     """A freshly initialised (seeded) timm VisionTransformer with ``model_args`` (default: MODEL_ARGS)."""
     torch.manual_seed(seed)
-    return _timm_class("VisionTransformer")(**(MODEL_ARGS if model_args is None else model_args))
-
-
-def save_timm_folder(model: nn.Module, path: str | Path, model_args: dict, **extra) -> Path:
-    """Write ``config.json`` (timm class, kwargs and ``extra`` keys) and ``model.safetensors`` into ``path``."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {"architecture": extra.pop("architecture", type(model).__name__), "timm_class": type(model).__name__,
-              "model_args": dict(model_args), **extra}
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    return path
-
-
-def load_timm_folder(path: str | Path) -> nn.Module:
-    """Rebuild the timm model described by ``path/config.json`` (``timm_class`` + ``model_args``) and load
-    ``path/model.safetensors`` into it (strict); returned in eval mode."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    config_file, weights = path / "config.json", path / "model.safetensors"
-    for f in (config_file, weights):
-        if not f.is_file():
-            raise OptinError(f"{path} is not a timm model folder: {f.name} is missing")
-    try:
-        config = json.loads(config_file.read_text())
-        cls = _timm_class(config.get("timm_class", "VisionTransformer"))
-        model = cls(**config["model_args"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise OptinError(f"cannot rebuild the model from {config_file}: {type(exc).__name__}: {exc}") from exc
-    try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
-    except RuntimeError as exc:
-        raise OptinError(f"{weights} does not match the model in {config_file}: {exc}") from exc
-    return model.eval()
+    return timm_class("VisionTransformer")(**(MODEL_ARGS if model_args is None else model_args))
 
 
 def task_tensors(task: Task, split: str, max_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ class TaylorScorer(Scorer):
 
     name = "taylor"
     needs_labels = True  # the task loss needs labels; the core refuses unlabelled calibration data
+    scale = "global"  # first-order loss changes: one unit (the loss) for every kind and layer
 
     def __init__(self, micro_batch: int = 8) -> None:  # plugin option: --set micro_batch=4
         if int(micro_batch) < 1:
