@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from optin.contracts import ScoreContext
-from optin.losses import kd_divergence, manifold_distance, relation_map, sample_rows, select_rows
+from optin_plugins.scorers.distances import kd_divergence, manifold_distance, relation_map, sample_rows, select_rows
 from optin.models import load_model
 from optin.recipe import batches_of
 from optin.registry import create

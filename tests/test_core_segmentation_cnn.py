@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optin import losses
+from optin_plugins.scorers import distances as losses
 from optin.errors import BudgetError, OptinError
 from optin.measure import confusion, miou_of
 from optin.recipe import check_target

@@ -9,7 +9,7 @@ import torch
 
 import optin
 from conftest import HEADS, HIDDEN, INTERMEDIATE, LAYERS, make_batch, make_tiny_bert
-from optin import losses
+from optin_plugins.scorers import distances as losses
 from optin.errors import BudgetError
 from optin.recipe import check_budget
 from optin.units import CostModel

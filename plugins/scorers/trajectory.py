@@ -15,7 +15,7 @@ import torch
 
 from optin.contracts import Adapter, Batch, ScoreContext, Scorer, TokenAdapter, Trace
 from optin.errors import OptinError
-from optin.losses import (batch_mean, feature_mse, kd_divergence, manifold_distance, relation_map, sample_rows,
+from optin_plugins.scorers.distances import (batch_mean, feature_mse, kd_divergence, manifold_distance, relation_map, sample_rows,
                           select_rows)
 from optin.units import UnitTensors
 

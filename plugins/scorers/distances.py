@@ -1,4 +1,4 @@
-"""Distillation distances used by the trajectory scorer (pure functions on tensors)."""
+"""Distillation distances used by the trajectory scorer (pure functions on tensors): manifold relation maps, KD, feature MSE."""
 from __future__ import annotations
 
 import torch
