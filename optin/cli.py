@@ -36,7 +36,7 @@ class OptinGroup(click.Group):
         try:
             return super().invoke(ctx)
         except OptinError as exc:
-            raise CliError(str(exc)) from None
+            raise CliError(" ".join(str(exc).split())) from None  # one line, whatever the message
         except click.UsageError as exc:
             cmd = f" (see `optin {ctx.invoked_subcommand} --help`)" if ctx.invoked_subcommand else ""
             raise CliError(exc.format_message() + cmd) from None

@@ -14,8 +14,11 @@ def read_config(path: str | Path, known: list[str]) -> dict[str, Any]:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise OptinError(f"cannot read config {str(path)!r}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise OptinError(f"config {str(path)!r} is not valid YAML: {yaml_problem(exc)}; fix that line "
+                         "(keys are flags, e.g. `budget: 0.5`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptinError(f"cannot read config {str(path)!r}: {exc}") from None
     if not isinstance(data, dict):
         raise OptinError(f"config {str(path)!r} must be a YAML mapping of flag: value")
     out = {}
@@ -28,6 +31,13 @@ def read_config(path: str | Path, known: list[str]) -> dict[str, Any]:
     return out
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one short phrase with its line and column (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def parse_option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with the value parsed as YAML (numbers, booleans, lists)."""
     key, sep, value = text.partition("=")
@@ -36,4 +46,5 @@ def parse_option(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise OptinError(f"cannot parse the value of option {key!r}: {exc}") from exc
+        raise OptinError(f"cannot parse the value of option {key!r}: {yaml_problem(exc)}; quote text values "
+                         "(--set 'key=\"text\"') or write numbers, booleans or [lists]") from None

@@ -126,7 +126,19 @@ def create(kind: str, name: str, options: dict[str, Any] | None = None) -> Any:
     cls = get(kind, name)
     options = options or {}
     accepted = option_names(cls)
-    return cls(**{k: v for k, v in options.items() if k in accepted})
+    given = {k: v for k, v in options.items() if k in accepted}
+    try:
+        return cls(**given)
+    except (TypeError, ValueError) as exc:  # e.g. float("abc") in a constructor: a bad option value
+        shown = ", ".join(f"{k}={v!r}" for k, v in given.items()) or "no options"
+        raise OptinError(f"{kind} {name!r} refused its options ({shown}): {one_line(exc)}; fix the value "
+                         f"with --set KEY=VALUE (see docs/plugins.md for each option's type)") from None
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, shortened to ``limit`` characters (for ``Error:`` lines)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_options(options: dict[str, Any], selected: list[tuple[str, str]]) -> None:

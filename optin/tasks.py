@@ -77,11 +77,17 @@ def file_task(path: str | Path, test_fraction: float = 0.2) -> Task:
         else:
             with path.open(newline="") as fh:
                 rows = list(csv.DictReader(fh))
-    except (ValueError, csv.Error, UnicodeDecodeError) as exc:
-        raise OptinError(f"cannot read data file {str(path)!r}: {exc}") from exc
-    if not rows or "text" not in rows[0] or "label" not in rows[0]:
-        raise OptinError(f"data file {str(path)!r} needs columns 'text' and 'label' "
-                         f"(found: {', '.join(rows[0]) if rows else 'no rows'})")
+    except (ValueError, csv.Error, UnicodeDecodeError, OSError) as exc:
+        raise OptinError(f"cannot read data file {str(path)!r}: {' '.join(str(exc).split())}") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise OptinError(f"data file {str(path)!r}: row {i + 1} is a {type(row).__name__}, not an object; "
+                             'each line must be a JSON object such as {"text": "...", "label": "..."}')
+        if "text" not in row or "label" not in row or row["text"] is None or row["label"] is None:
+            raise OptinError(f"data file {str(path)!r} needs columns 'text' and 'label' in every row; row {i + 1} "
+                             f"has: {', '.join(map(str, row)) or 'nothing'}")
+    if not rows:
+        raise OptinError(f"data file {str(path)!r} has no rows; it needs columns 'text' and 'label'")
     labels = sorted({str(r["label"]) for r in rows})
     index = {lab: i for i, lab in enumerate(labels)}
     examples = [{"text": str(r["text"]), **({"text_pair": str(r["text_pair"])} if r.get("text_pair") else {}),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from optin.contracts import Adapter, Batch, ScoreContext, Scorer
+from optin.errors import OptinError
 from optin.units import UnitTensors
 
 
@@ -26,6 +27,9 @@ class FisherScorer(Scorer):
 
     def __init__(self, micro_batch: int = 8) -> None:
         self.micro_batch = int(micro_batch)
+        if self.micro_batch < 1 or self.micro_batch != micro_batch:
+            raise OptinError(f"fisher scorer: micro_batch must be a positive whole number of examples, got "
+                             f"{micro_batch!r} (e.g. --set micro_batch=8)")
 
     def describe(self) -> dict:
         return {"micro_batch": self.micro_batch}

@@ -1,0 +1,97 @@
+"""Hostile and careless inputs: every one gives exit code 2 and one ``Error:`` line naming the problem and the
+fix, runs no code from a model folder, and never loses the outputs of another run."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import optin
+import optin.recipe
+from conftest import make_tiny_bert, make_tokenizer
+from optin.cli import cli
+from optin.measure import throughput as real_throughput
+
+POSITIVE = ["good", "great", "fine", "nice", "happy", "love", "best", "fun"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst", "boring", "ugly"]
+SMALL = ("--calib-size", "8", "--eval-size", "8", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> dict[str, Path]:
+    """A saved tiny 2-label BERT with its tokenizer and a labelled CSV."""
+    root = tmp_path_factory.mktemp("hostile")
+    model_dir = root / "tiny-bert"
+    model = make_tiny_bert(num_labels=2)
+    model.config.architectures = ["BertForSequenceClassification"]
+    model.save_pretrained(model_dir)
+    make_tokenizer(root / "tok").save_pretrained(model_dir)
+    rng = random.Random(0)
+    rows = set()
+    while len(rows) < 40:
+        label = len(rows) % 2
+        words = POSITIVE if label else NEGATIVE
+        rows.add((f"the movie was {rng.choice(words)} and {rng.choice(words)} {rng.randint(0, 999)}",
+                  "pos" if label else "neg"))
+    data = root / "data.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in sorted(rows)))
+    return {"root": root, "model": model_dir, "data": data}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch, optin_cache):
+    monkeypatch.chdir(tmp_path)
+
+    def quick(runs, examples, **kw):
+        return real_throughput(runs, examples, warmup=0, repeats=1, min_seconds=0.0)
+
+    monkeypatch.setattr(optin.recipe, "throughput", quick)
+
+
+def invoke(*args) -> object:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+def one_error(res, *words: str) -> str:
+    """Exit code 2 and exactly one ``Error:`` line (no traceback) that contains every one of ``words``."""
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert res.exit_code == 2, f"exit {res.exit_code}: {res.output}\n{res.exception!r}"
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+# --- plugin options, config files, data files (list 4 and 7) ------------------------------------
+
+def test_option_value_of_the_wrong_type(ws, tmp_path):
+    res = invoke("run", "--model", ws["model"], "--data", ws["data"], "--set", "temperature=abc",
+                 "--output", tmp_path / "out", *SMALL)
+    one_error(res, "temperature='abc'", "--set")
+
+
+def test_fisher_micro_batch_zero(ws, tmp_path):
+    res = invoke("run", "--model", ws["model"], "--data", ws["data"], "--scorer", "fisher", "--set",
+                 "micro_batch=0", "--output", tmp_path / "out", *SMALL)
+    one_error(res, "micro_batch", "positive")
+
+
+def test_yaml_syntax_error_is_one_line(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("budget: [0.5\nscorer: x\n")
+    res = invoke("run", "--config", cfg)
+    one_error(res, "not valid YAML", "line 2")
+
+
+def test_unparseable_option_value_is_one_line():
+    one_error(invoke("run", "--set", "x=[1"), "option 'x'", "quote")
+
+
+def test_jsonl_rows_that_are_lists(ws, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("[1, 2]\n[3, 4]\n")
+    res = invoke("run", "--model", ws["model"], "--data", data, "--output", tmp_path / "out", *SMALL)
+    one_error(res, "row 1 is a list", "JSON object")
