@@ -246,11 +246,15 @@ def finetune(model: str, task: str | None, data: str | None, output: str, epochs
     if the_task.metric == "agreement":
         raise OptinError(f"task {the_task.name!r} is unlabelled (it measures agreement with the unpruned model); "
                          "fine-tuning needs a labelled task")
+    from .models import load_with
+    from .safety import refuse_remote_code
+
+    refuse_remote_code(model)
     candidates = [adapter] if adapter else [i.name for i in registry.plugins("adapter") if i.available]
     cls = next((registry.get("adapter", n) for n in candidates if registry.get("adapter", n).claims(model)), None)
     if cls is None:
         raise OptinError(f"no adapter can load {model!r} for fine-tuning")
-    ad = cls.load(model, num_labels=the_task.num_labels)
+    ad = load_with(cls, model, num_labels=the_task.num_labels)
     log = train(ad, the_task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     acc = accuracy(ad, batches_of(ad, the_task.examples("test"), 64))
     Path(output).mkdir(parents=True, exist_ok=True)

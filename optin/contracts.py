@@ -96,6 +96,9 @@ class Adapter(ABC):
     # Searcher options this model family needs by default (user options win; only options the chosen
     # searcher takes are used), e.g. CNNs: {"normalize": "mean"} so layers compete by relative importance.
     search_defaults: ClassVar[dict[str, Any]] = {}
+    # What ``load`` accepts, in a few words for error messages, e.g. "HF folders/hub ids with model_type bert,
+    # roberta" (shown when no adapter claims a model).
+    sources: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
         self.model = model

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from . import registry
 from .contracts import Adapter
 from .errors import OptinError
+from .safety import refuse_remote_code
 
 PLAN = "optin-plan.json"
 WEIGHTS = "model.safetensors"
@@ -47,6 +48,7 @@ def is_pruned_dir(path: str | Path) -> bool:
 def load_pruned(directory: str | Path) -> Adapter:
     """Rebuild the pruned architecture from its plan and load its weights (original weights not needed)."""
     directory = Path(directory)
+    refuse_remote_code(directory)
     try:
         plan = json.loads((directory / PLAN).read_text())
     except (OSError, ValueError) as exc:

@@ -13,6 +13,8 @@ from .contracts import Adapter
 from .errors import OptinError
 from .export import is_pruned_dir, load_pruned
 from .hooks import collect
+from .registry import one_line
+from .safety import refuse_remote_code
 
 
 @dataclass
@@ -57,12 +59,16 @@ def _looks_like_path(source: str) -> bool:
 
 
 def load_model(source: str, adapter: str | None = None) -> Adapter:
-    """Load ``source``: a named model, a folder (HF checkpoint or optin export) or a hub id."""
+    """Load ``source``: a named model, a folder (HF checkpoint or optin export) or a hub id.
+
+    A folder that asks to run its own code is refused; an adapter's loading failure (truncated weights, a
+    config that does not match them) is an OptinError naming the adapter and the file."""
     named = named_models()
     if source in named:
         source = named[source].build()
     path = Path(source).expanduser()
     if path.exists():
+        refuse_remote_code(path)
         if is_pruned_dir(path):
             return load_pruned(path)
         source = str(path)
@@ -73,7 +79,49 @@ def load_model(source: str, adapter: str | None = None) -> Adapter:
     for name in candidates:
         cls = registry.get("adapter", name)
         if cls.claims(source):
-            return cls.load(source)
-    where = "the folder" if path.exists() else "the Hugging Face hub (offline?)"
+            return load_with(cls, source)
+    where = f"the folder ({folder_summary(path)})" if path.exists() else "the Hugging Face hub (offline?)"
     raise OptinError(f"no adapter handles model {source!r} (looked in {where}); installed adapters: "
-                     f"{', '.join(registry.names('adapter'))}; named models: {', '.join(sorted(named)) or 'none'}")
+                     f"{adapter_coverage()}; named models: {', '.join(sorted(named)) or 'none'}")
+
+
+def load_with(cls: type[Adapter], source: str, **kwargs: object) -> Adapter:
+    """``cls.load(source)`` with any failure of the underlying libraries turned into one OptinError."""
+    try:
+        return cls.load(source, **kwargs)
+    except OptinError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model folder is user input: whatever breaks is bad input
+        raise OptinError(f"adapter {cls.name!r} cannot load model {source!r}: {type(exc).__name__}: "
+                         f"{one_line(exc, 240)}; check that the folder is complete and its weights belong to its "
+                         "config (re-save or re-download it)") from None
+
+
+def folder_summary(path: Path) -> str:
+    """What a model folder says it is: its config's model_type and architectures (for error messages)."""
+    import json
+
+    cfg = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return "no readable config.json"
+    if not isinstance(data, dict):
+        return "config.json is not a JSON object"
+    found = [f"{k} {data[k]!r}" for k in ("model_type", "timm_class", "architecture") if data.get(k)]
+    archs = data.get("architectures")
+    if isinstance(archs, list) and archs:
+        found.append("architectures " + ", ".join(map(str, archs[:3])))
+    return "config.json: " + ("; ".join(found) if found else "no model_type")
+
+
+def adapter_coverage() -> str:
+    """Every installed adapter with what it loads (``Adapter.sources``, else its summary)."""
+    out = []
+    for info in registry.plugins("adapter"):
+        if not info.available:
+            out.append(f"{info.name} (unavailable: {info.error})")
+            continue
+        covers = getattr(registry.get("adapter", info.name), "sources", "") or info.summary
+        out.append(f"{info.name} ({covers})" if covers else info.name)
+    return "; ".join(out)

@@ -95,3 +95,75 @@ def test_jsonl_rows_that_are_lists(ws, tmp_path):
     data.write_text("[1, 2]\n[3, 4]\n")
     res = invoke("run", "--model", ws["model"], "--data", data, "--output", tmp_path / "out", *SMALL)
     one_error(res, "row 1 is a list", "JSON object")
+
+
+# --- model folders that ask to run code (list 1), broken folders (list 4, 7) --------------------
+
+EVIL = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\nfrom transformers import {base} as {cls}\n"
+
+
+def _hostile(folder: Path, config: str, marker: Path) -> Path:
+    """``folder`` with ``config`` naming a module beside it (the module would create ``marker``)."""
+    if config == "tokenizer_config.json":
+        (folder / "evil_tok.py").write_text(EVIL.format(marker=str(marker), base="BertTokenizerFast",
+                                                        cls="EvilTokenizer"))
+        cfg = json.loads((folder / config).read_text())
+        cfg.update(tokenizer_class="EvilTokenizer",
+                   auto_map={"AutoTokenizer": ["evil_tok.EvilTokenizer", "evil_tok.EvilTokenizer"]})
+    else:
+        (folder / "evil_model.py").write_text(EVIL.format(marker=str(marker), base="BertForSequenceClassification",
+                                                          cls="EvilModel"))
+        cfg = json.loads((folder / config).read_text()) if (folder / config).is_file() else {}
+        cfg["auto_map"] = {"AutoConfig": "evil_model.EvilConfig", "AutoModelForSequenceClassification":
+                           "evil_model.EvilModel", "AutoImageProcessor": "evil_model.EvilModel"}
+    (folder / config).write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("config", ["config.json", "tokenizer_config.json", "preprocessor_config.json"])
+def test_model_folder_asking_for_remote_code_is_refused(ws, tmp_path, config):
+    import shutil
+
+    marker = tmp_path / "MARKER"
+    folder = _hostile(Path(shutil.copytree(ws["model"], tmp_path / "evil")), config, marker)
+    for command in (["run", "--data", ws["data"], "--output", tmp_path / "out", *SMALL],
+                    ["finetune", "--data", ws["data"], "--output", tmp_path / "ft", "--epochs", "0.01"]):
+        res = CliRunner().invoke(cli, [command[0], "--model", str(folder), *map(str, command[1:])], input="y\ny\n")
+        one_error(res, "asks to run its own Python code", config, "auto_map")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ft").exists()
+
+
+def test_pruned_export_asking_for_remote_code_is_refused(ws, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "out"
+    res = invoke("run", "--model", ws["model"], "--data", ws["data"], "--scorer", "magnitude", "--output", out, *SMALL)
+    assert res.exit_code == 0, res.output
+    marker = tmp_path / "MARKER"
+    folder = _hostile(Path(shutil.copytree(out / "model", tmp_path / "evil")), "tokenizer_config.json", marker)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("y\n"))  # a prompt would read "y"
+    with pytest.raises(optin.OptinError, match="asks to run its own Python code"):
+        optin.load_pruned(folder)
+    one_error(invoke("prune", "--model", folder, "--data", ws["data"], "--scores", out / "scores.safetensors",
+                     "--output", tmp_path / "p", *SMALL), "auto_map")
+    assert not marker.exists()
+
+
+def test_truncated_weights(ws, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(ws["model"], tmp_path / "trunc"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    res = invoke("run", "--model", folder, "--data", ws["data"], "--output", tmp_path / "out", *SMALL)
+    one_error(res, "cannot load model", "adapter 'bert'", "re-save")
+
+
+def test_no_adapter_message_names_the_model_type_and_what_each_adapter_loads(ws, tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    line = one_error(invoke("run", "--model", folder, "--data", ws["data"], "--output", tmp_path / "out", *SMALL),
+                     "model_type 'gpt2'", "GPT2LMHeadModel")
+    assert "bert (HF folders" in line and "model_type vit or deit" in line

@@ -17,6 +17,7 @@ from torch import nn
 from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
 from optin.hooking import removing
+from optin.safety import NO_REMOTE_CODE
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
@@ -76,6 +77,7 @@ class BertAdapter(HookedAdapter):
     """HF BERT-family encoders: attention heads and FFN neurons."""
 
     name = "bert"
+    sources = "HF folders/hub ids, config.json model_type bert, roberta, xlm-roberta, camembert or electra"
     unit_kinds = ("heads", "neurons")
     max_length = 128
 
@@ -105,7 +107,7 @@ class BertAdapter(HookedAdapter):
         if cfg is None:  # a hub id: ask the hub (fails fast offline)
             try:
                 from transformers import AutoConfig
-                cfg = AutoConfig.from_pretrained(source).to_dict()
+                cfg = AutoConfig.from_pretrained(source, **NO_REMOTE_CODE).to_dict()
             except Exception:
                 return False
         return cfg.get("model_type") in BERT_LIKE
@@ -118,18 +120,18 @@ class BertAdapter(HookedAdapter):
         hf_logging.set_verbosity_error()  # keep load reports and weight-loading bars off the user's screen
         hf_logging.disable_progress_bar()
 
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **NO_REMOTE_CODE)
         archs = config.architectures or []
         if num_labels is not None:
             model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels, ignore_mismatched_sizes=True)
-            return cls(model, AutoTokenizer.from_pretrained(source))
+                source, num_labels=num_labels, ignore_mismatched_sizes=True, **NO_REMOTE_CODE)
+            return cls(model, AutoTokenizer.from_pretrained(source, **NO_REMOTE_CODE))
         if not any(a.endswith("ForSequenceClassification") for a in archs):
             raise OptinError(f"model {source!r} ({', '.join(archs) or 'no architecture'}) has no trained "
                              "classification head; fine-tune it first: optin finetune --model "
                              f"{source} --task TASK --output DIR")
-        model = AutoModelForSequenceClassification.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForSequenceClassification.from_pretrained(source, **NO_REMOTE_CODE)
+        tokenizer = AutoTokenizer.from_pretrained(source, **NO_REMOTE_CODE)
         return cls(model.eval(), tokenizer)
 
     # --- data ------------------------------------------------------------------------------------
@@ -330,7 +332,7 @@ class BertAdapter(HookedAdapter):
 
         tokenizer = None
         if (Path(directory) / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+            tokenizer = AutoTokenizer.from_pretrained(directory, **NO_REMOTE_CODE)
         adapter = cls(hf_model_from_plan(plan), tokenizer)
         adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
         adapter.kept_index = plan.get("kept_index", adapter.kept_index)

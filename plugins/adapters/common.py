@@ -12,6 +12,7 @@ from optin.contracts import Adapter, Batch, Trace, UnitSite
 from optin.errors import OptinError
 from optin.hooking import removing
 from optin.masking import mask_hook, masked_sites
+from optin.safety import NO_REMOTE_CODE
 from optin.surgery import slice_linear
 from optin.units import UnitTensors
 
@@ -139,7 +140,7 @@ class HFImageClassifier:
         from transformers import AutoModelForImageClassification
 
         kw = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
-        return cls(AutoModelForImageClassification.from_pretrained(source, **kw).eval())
+        return cls(AutoModelForImageClassification.from_pretrained(source, **kw, **NO_REMOTE_CODE).eval())
 
     def collate(self, examples: list[dict]) -> Batch:
         return image_collate(examples)

@@ -44,6 +44,7 @@ class HFSwinAdapter(HFImageClassifier, HookedAdapter):
     """HF transformers SwinForImageClassification: attention heads and MLP neurons of every block."""
 
     name = "hf-swin"
+    sources = "HF folders, config.json model_type swin with SwinForImageClassification"
     unit_kinds = ("heads", "neurons")
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:

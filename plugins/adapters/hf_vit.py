@@ -53,6 +53,7 @@ class HFVitAdapter(HFImageClassifier, HookedAdapter):
     """HF transformers ViT/DeiT image classifiers: attention heads and MLP neurons."""
 
     name = "hf-vit"
+    sources = "HF folders, config.json model_type vit or deit"
     unit_kinds = ("heads", "neurons")
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:

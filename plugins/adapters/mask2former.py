@@ -38,6 +38,7 @@ from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 from optin.hooking import removing
+from optin.safety import NO_REMOTE_CODE
 
 from .common import HookedAdapter, first_k_masks, hf_model_from_plan, kept, slice_mlp, track
 from .swin_blocks import SwinBlockInfo, hf_block_macs, hf_merging_macs, hf_swin_blocks, neuron_weights
@@ -97,6 +98,7 @@ class Mask2FormerAdapter(HookedAdapter):
     """HF Mask2Former (Swin backbone) semantic segmentation: backbone FFN neurons (+ decoder FFN neurons)."""
 
     name = "mask2former"
+    sources = "HF folders, config.json model_type mask2former with a swin backbone"
     unit_kinds = ("neurons", "decoder_neurons")
     output = "segmentation"
     trajectory_distance = "manifold"
@@ -148,7 +150,7 @@ class Mask2FormerAdapter(HookedAdapter):
 
         kw = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
         try:
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(source, **kw).eval()
+            model = Mask2FormerForUniversalSegmentation.from_pretrained(source, **kw, **NO_REMOTE_CODE).eval()
         except (OSError, ValueError) as exc:
             raise OptinError(f"cannot load a Mask2Former model from {source!r}: {exc}") from exc
         return cls(model, image_size=cls._folder_image_size(source))

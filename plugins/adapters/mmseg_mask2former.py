@@ -145,6 +145,7 @@ class MMSegMask2FormerAdapter(HookedAdapter):
     """mmsegmentation Mask2Former (Swin backbone): FFN neurons of the Swin blocks; needs mmcv + mmseg."""
 
     name = "mmseg-mask2former"
+    sources = "mmseg:NAME or an mmsegmentation mask2former_swin config"
     unit_kinds = ("neurons",)
     output = "segmentation"
     trajectory_distance = "manifold"

@@ -59,6 +59,7 @@ class MobileNetV2Adapter(ConvChannelAdapter):
     """torchvision MobileNetV2: the expanded hidden channels of each inverted residual block."""
 
     name = "mobilenetv2"
+    sources = "optin CNN folders, config.json architecture mobilenet_v2"
 
     def __init__(self, model: nn.Module, processor: Any = None, image_size: int | tuple[int, int] | None = None
                  ) -> None:

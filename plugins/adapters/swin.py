@@ -58,6 +58,7 @@ class SwinAdapter(HookedAdapter):
     """timm SwinTransformer classifiers: attention heads and MLP neurons of every block."""
 
     name = "swin"
+    sources = "timm:swin* hub ids, timm folders (config.json timm_class SwinTransformer)"
     unit_kinds = ("heads", "neurons")
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:

@@ -143,6 +143,7 @@ class VggAdapter(ConvChannelAdapter):
     """torchvision VGG (ImageNet- or CIFAR-style): output channels of every conv layer."""
 
     name = "vgg"
+    sources = "optin CNN folders, config.json architecture vgg or cifar_vgg16_bn"
 
     def __init__(self, model: nn.Module, processor: Any = None, image_size: int | tuple[int, int] | None = None
                  ) -> None:

@@ -148,6 +148,7 @@ class VitAdapter(HookedAdapter, TokenAdapter):
     """timm VisionTransformer (DeiT/ViT): attention heads, MLP neurons and tokens."""
 
     name = "vit"
+    sources = "timm:NAME hub ids, timm folders (config.json timm_class VisionTransformer + model.safetensors)"
     unit_kinds = ("heads", "neurons")
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
