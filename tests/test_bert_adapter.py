@@ -5,11 +5,11 @@ import copy
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import HEADS, HIDDEN, INTERMEDIATE, LAYERS, make_batch, make_tiny_bert
 from optin.measure import params
 from optin_plugins.adapters.bert import BertAdapter
+from tiny_models import counted_encoder_macs
 
 D = HIDDEN // HEADS
 
@@ -240,15 +240,6 @@ def test_run_from_reproduces_full_masked_forward(adapter, batch, kind, layer, ch
 
 
 # --- analytic MACs vs FlopCounterMode -----------------------------------------------------------
-
-def counted_encoder_macs(model, seq_len: int) -> float:
-    ids = torch.randint(5, 100, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        emb = model.bert.embeddings(input_ids=ids)
-        with FlopCounterMode(display=False) as fc:
-            model.bert.encoder(emb)
-    return fc.get_total_flops() / 2
-
 
 @pytest.mark.parametrize("seq_len", [1, 9, 16])
 def test_cost_model_matches_flop_counter(tiny_bert, seq_len):

@@ -3,58 +3,19 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import optin
 from optin.errors import OptinError
 from optin.models import adapter_for
 from optin.recipe import prune
+from optin.testing import check_adapter, flop_macs
 from optin_plugins.adapters.cnn_common import save_cnn_folder
 from optin_plugins.adapters.mobilenet import MobileNetV2Adapter
-from optin_plugins.adapters.vgg import VggAdapter, assemble_vgg, cifar_vgg16_bn
+from optin_plugins.adapters.vgg import VggAdapter, cifar_vgg16_bn
+from tiny_models import CNN_KINDS as KINDS
+from tiny_models import make_cnn as make
 
 torch.set_num_threads(1)
-
-
-def _randomise(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BatchNorm statistics and a classifier with visible logits (masking must matter)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = 0.5 + torch.rand(n, generator=g)
-            m.bias.data = 0.2 * torch.randn(n, generator=g)
-            m.running_mean = 0.1 * torch.randn(n, generator=g)
-            m.running_var = 0.5 + torch.rand(n, generator=g)
-        elif isinstance(m, nn.Linear):
-            m.weight.data = torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5
-    return model.eval()
-
-
-def make(kind: str):
-    """(adapter, batch) for a tiny model of each supported layout."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    if kind == "vgg-cifar":  # 13 convs of 8..64 channels, 32px
-        model, x = cifar_vgg16_bn(num_classes=5, in_chans=3, width=0.125), torch.randn(4, 3, 32, 32, generator=g)
-    elif kind == "vgg-fmnist":  # 1 channel, 28px padded to 32 inside the model
-        model, x = cifar_vgg16_bn(num_classes=10, in_chans=1, width=0.125, image_size=28), torch.randn(4, 1, 28, 28,
-                                                                                                        generator=g)
-    elif kind == "vgg-imagenet":  # torchvision's layout: 7x7 pooling, 3-layer classifier with dropout
-        feats = torchvision.models.vgg.make_layers([8, "M", 16, "M", 16, "M"], batch_norm=True)
-        clf = nn.Sequential(nn.Linear(16 * 49, 32), nn.ReLU(True), nn.Dropout(), nn.Linear(32, 32), nn.ReLU(True),
-                            nn.Dropout(), nn.Linear(32, 4))
-        model, x = assemble_vgg(feats, nn.AdaptiveAvgPool2d((7, 7)), clf), torch.randn(4, 3, 40, 40, generator=g)
-    else:  # MobileNetV2 0.35, 64px
-        model = torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=6)
-        x = torch.randn(4, 3, 64, 64, generator=g)
-    model = _randomise(model, 2)
-    cls = MobileNetV2Adapter if kind == "mobilenet" else VggAdapter
-    size = None if kind.startswith("vgg-") and kind != "vgg-imagenet" else x.shape[-1]  # CIFAR-style: its own default
-    return cls(model, image_size=size), {"pixel_values": x, "labels": torch.randint(0, 4, (4,), generator=g)}
-
-
-KINDS = ["vgg-cifar", "vgg-fmnist", "vgg-imagenet", "mobilenet"]
 
 
 def random_masks(ad, seed: int = 3, keep: float = 0.6):
@@ -63,12 +24,6 @@ def random_masks(ad, seed: int = 3, keep: float = 0.6):
     for m in masks:
         m[torch.randint(0, len(m), (1,), generator=g)] = 1.0  # at least one channel per layer
     return {"channels": masks}
-
-
-def flop_macs(ad, x) -> float:
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        ad.logits({"pixel_values": x[:1]})
-    return fc.get_total_flops() / 2
 
 
 def test_registry_and_units():
@@ -83,17 +38,6 @@ def test_registry_and_units():
     assert VggAdapter(big_vgg).cost_model().macs() == pytest.approx(15.47e9, rel=2e-3)
     assert MobileNetV2Adapter(big_mob).cost_model().macs() == pytest.approx(0.3e9, rel=0.02)
     assert VggAdapter(big_vgg).unit_counts()["channels"][-1] == 512
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_macs_match_flop_counter(kind):
-    ad, batch = make(kind)
-    assert ad.cost_model().macs() == pytest.approx(flop_macs(ad, batch["pixel_values"]), rel=1e-6)
-    masks = random_masks(ad)
-    predicted = ad.cost_model().macs_of_masks(masks)
-    ad.prune(masks)
-    assert ad.cost_model().macs() == pytest.approx(predicted, rel=1e-6)
-    assert ad.cost_model().macs() == pytest.approx(flop_macs(ad, batch["pixel_values"]), rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["vgg-cifar", "vgg-imagenet", "mobilenet"])
@@ -121,24 +65,13 @@ def test_run_from_restarts_exactly(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_pruned_equals_masked_and_reloads(kind, tmp_path):
+def test_conforms_pruned_equals_masked_with_exact_macs_and_reloads(kind):
+    """optin.testing.check_adapter: masked == removed, analytic MACs == FlopCounterMode before and after
+    removal, export + reload, restart; the reload also keeps the original channel indices."""
     ad, batch = make(kind)
-    masks = random_masks(ad)
-    with torch.no_grad(), ad.masked(masks):
-        expected = ad.logits(batch)
-    before = sum(p.numel() for p in ad.model.parameters())
-    ad.prune(masks)
-    with torch.no_grad():
-        got = ad.logits(batch)
-    assert torch.allclose(got, expected, atol=1e-4)
-    assert sum(p.numel() for p in ad.model.parameters()) < before
-    assert ad.unit_counts() == {"channels": [int(m.sum()) for m in masks["channels"]]}
-    optin.save_pruned(ad, tmp_path / "m")
-    again = optin.load_pruned(tmp_path / "m")
-    assert type(again) is type(ad) and again.unit_counts() == ad.unit_counts()
-    assert again.kept_index == ad.kept_index
-    with torch.no_grad():
-        assert torch.allclose(again.logits(batch), got, atol=1e-6)
+    result = check_adapter(ad, batch, count_macs=lambda a: flop_macs(a, batch), masks=random_masks(ad))
+    assert result["reloaded"].kept_index == result["pruned"].kept_index
+    assert result["pruned"].unit_counts() == {"channels": [int(m.sum()) for m in result["masks"]["channels"]]}
 
 
 @pytest.mark.parametrize("kind", ["vgg-cifar", "mobilenet"])
@@ -152,7 +85,7 @@ def test_recipe_meets_the_budget(kind, scorer):
     assert result.adapter is ad
     fresh = type(ad)(ad.model, image_size=ad.hw()).cost_model().macs()  # a fresh adapter counts the pruned model
     assert fresh <= 0.5 * full * (1 + 1e-9) and fresh > 0.3 * full
-    assert fresh == pytest.approx(flop_macs(ad, batch["pixel_values"]), rel=1e-6)
+    assert fresh == pytest.approx(flop_macs(ad, batch), rel=1e-6)
     assert sum(p.numel() for p in ad.model.parameters()) < params
     with torch.no_grad():
         assert torch.isfinite(ad.logits(batch)).all()

@@ -2,55 +2,20 @@
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
 import optin
 from optin.errors import OptinError
 from optin.recipe import prune
 from optin_plugins.adapters.mask2former import Mask2FormerAdapter
-
-SIZE = 32
-SWIN = dict(image_size=SIZE, patch_size=4, num_channels=1, embed_dim=16, depths=[2, 1, 2], num_heads=[1, 2, 2],
-            window_size=2, mlp_ratio=4.0, out_features=["stage1", "stage2", "stage3"])
-M2F = dict(feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32, encoder_layers=1,
-           decoder_layers=3, num_attention_heads=2, dim_feedforward=64, num_queries=8, num_labels=5,
-           feature_strides=[4, 8, 16], train_num_points=256)
-
-
-def make(decoder_neurons: bool = False, seed: int = 0) -> Mask2FormerAdapter:
-    torch.manual_seed(seed)
-    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=SwinConfig(**SWIN), **M2F)).eval()
-    return Mask2FormerAdapter(model, decoder_neurons=decoder_neurons)
-
-
-def shapes(n: int = 4, seed: int = 1) -> list[dict]:
-    """Stand-in segmentation examples: random rectangles of classes 1-4 on background 0."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        mask = torch.zeros(SIZE, SIZE, dtype=torch.long)
-        for c in torch.randint(1, 5, (2,), generator=g).tolist():
-            t, l = torch.randint(0, SIZE - 8, (2,), generator=g).tolist()
-            mask[t:t + 8 + c, l:l + 10] = c
-        image = (mask.float() / 4 + 0.1 * torch.randn(SIZE, SIZE, generator=g)).unsqueeze(0)
-        out.append({"image": image, "mask": mask})
-    return out
+from tiny_models import M2F_SIZE as SIZE
+from tiny_models import make_mask2former as make
+from tiny_models import mask2former_macs as flop_macs
+from tiny_models import shapes
 
 
 @pytest.fixture
 def batch():
     return make().collate(shapes())
-
-
-def flop_macs(ad: Mask2FormerAdapter, batch: dict) -> float:
-    cfg = ad.backbone.config
-    cfg._attn_implementation = "eager"
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            ad.logits({"pixel_values": batch["pixel_values"][:1]})
-    finally:
-        cfg._attn_implementation = "sdpa"
-    return fc.get_total_flops() / 2
 
 
 def test_registry_counts_and_output(batch):

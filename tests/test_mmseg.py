@@ -20,30 +20,13 @@ if REASON:
 import optin  # noqa: E402
 from optin.errors import OptinError  # noqa: E402
 from optin.recipe import prune  # noqa: E402
+from tiny_models import MMSEG_CLASSES as CLASSES  # noqa: E402
+from tiny_models import MMSEG_H as H  # noqa: E402
+from tiny_models import MMSEG_SMALL as SMALL  # noqa: E402
+from tiny_models import MMSEG_W as W  # noqa: E402
+from tiny_models import make_mmseg as make  # noqa: E402
+from tiny_models import mmseg_batch  # noqa: E402
 
-H, W = 64, 128
-CLASSES = 5
-# Swin-T's layout (4 stages, window attention, shifted windows) at a fraction of its width, and a small head.
-SMALL = {
-    "model.backbone.embed_dims": 16, "model.backbone.depths": [2, 2, 2, 2], "model.backbone.num_heads": [1, 2, 2, 4],
-    "model.backbone.window_size": 4, "model.backbone.drop_path_rate": 0.0,
-    "model.decode_head.in_channels": [16, 32, 64, 128], "model.decode_head.feat_channels": 32,
-    "model.decode_head.out_channels": 32, "model.decode_head.num_queries": 8,
-    "model.decode_head.num_classes": CLASSES, "model.decode_head.loss_cls.class_weight": [1.0] * CLASSES + [0.1],
-    "model.decode_head.pixel_decoder.encoder.num_layers": 1,
-    "model.decode_head.pixel_decoder.encoder.layer_cfg.self_attn_cfg.embed_dims": 32,
-    "model.decode_head.pixel_decoder.encoder.layer_cfg.self_attn_cfg.num_heads": 4,
-    "model.decode_head.pixel_decoder.encoder.layer_cfg.ffn_cfg.embed_dims": 32,
-    "model.decode_head.pixel_decoder.encoder.layer_cfg.ffn_cfg.feedforward_channels": 64,
-    "model.decode_head.pixel_decoder.positional_encoding.num_feats": 16,
-    "model.decode_head.pixel_decoder.norm_cfg.num_groups": 8,
-    "model.decode_head.positional_encoding.num_feats": 16,
-    "model.decode_head.transformer_decoder.num_layers": 2,
-    **{f"model.decode_head.transformer_decoder.layer_cfg.{a}.{k}": v
-       for a in ("self_attn_cfg", "cross_attn_cfg") for k, v in (("embed_dims", 32), ("num_heads", 4))},
-    "model.decode_head.transformer_decoder.layer_cfg.ffn_cfg.embed_dims": 32,
-    "model.decode_head.transformer_decoder.layer_cfg.ffn_cfg.feedforward_channels": 64,
-}
 NEURONS = [64, 64, 128, 128, 256, 256, 512, 512]
 
 
@@ -55,16 +38,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def make() -> MMSegMask2FormerAdapter:
-    return MMSegMask2FormerAdapter.from_config(DEFAULT_CONFIG, overrides=SMALL, seed=0)
-
-
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(1)
-    masks = torch.randint(0, CLASSES, (2, H, W), generator=g)
-    masks[:, :4] = 255
-    return {"pixel_values": torch.randn(2, 3, H, W, generator=g), "masks": masks}
+    return mmseg_batch()
 
 
 def flops_macs(ad: MMSegMask2FormerAdapter) -> float:

@@ -3,26 +3,13 @@ import copy
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from optin.errors import BudgetError, OptinError
 from optin.recipe import _token_importance, reduce_tokens, score, search
 from optin.registry import create
-from optin_plugins.adapters.vit import VitAdapter
 from optin_plugins.searchers.token_schedule import trajectory_removals
-
-
-def make_vit(distilled: bool = False, seed: int = 0) -> VitAdapter:
-    torch.manual_seed(seed)
-    kw = dict(img_size=28, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=4, num_heads=4,
-              mlp_ratio=2)
-    if distilled:
-        from timm.models.deit import VisionTransformerDistilled
-        m = VisionTransformerDistilled(**kw)
-    else:
-        m = VisionTransformer(**kw)
-    return VitAdapter(m.eval())
+from tiny_models import make_vit
 
 
 @pytest.fixture
