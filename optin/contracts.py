@@ -320,9 +320,17 @@ class ScoreContext:
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # sum over the processes (all-reduce)
 
     def cached(self, key: str) -> torch.Tensor | None:
+        """The value ``store``d under ``key`` by an interrupted earlier run of the same job, else None."""
         return None if self.checkpoint is None else self.checkpoint.get(key)
 
     def store(self, key: str, value: torch.Tensor) -> None:
+        """Keep a partial result so that an interrupted run resumes after it (no-op without a checkpoint).
+
+        Durable as soon as it returns and cheap: the checkpoint appends only this value to a journal (its
+        cost is the value's size, never the whole file's), so a scorer should store after every chunk of
+        work, e.g. ``ctx.store(f"md/{kind}.{layer}#{start}", chunk_md)`` with ``ctx.cached`` of the same key
+        before computing the chunk; an interrupt then loses at most the chunk in progress. The dtype is
+        kept (store float64 partial sums to resume bitwise); keys are any strings."""
         if self.checkpoint is not None:
             self.checkpoint.put(key, value)
 

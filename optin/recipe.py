@@ -25,7 +25,7 @@ from .hooks import notify
 from .measure import evaluate, params, throughput
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
-from .rankings import Checkpoint, Scores, fingerprint
+from .rankings import Checkpoint, Scores, check_unit_tensors, fingerprint
 from .scales import to_common_scale
 from .tasks import Task, file_task, get_task, known_tasks, sample
 from .units import CostModel, UnitTensors, counts_of, kept_counts
@@ -111,8 +111,17 @@ def score(adapter: Adapter, batches: list[Batch], scorer: str = "trajectory", op
             values = impl.score(adapter, batches, ctx)
         except NotImplementedError as exc:
             raise OptinError(f"scorer {scorer!r} does not work with adapter {adapter.name!r}: {exc}") from exc
+    check_unit_tensors(values, f"the scores from scorer {scorer!r}", "the model gives non-finite outputs or the "
+                       "scorer is broken for it; check the model on a few examples, or try another --scorer")
+    counts = adapter.unit_counts()
+    wrong = {k: [int(t.numel()) for t in v] for k, v in values.items() if k not in counts or
+             [int(t.numel()) for t in v] != counts[k]}
+    if wrong:
+        raise OptinError(f"scorer {scorer!r} returned scores for units {wrong} but the model has {counts}; the "
+                         "scorer plugin is broken for this adapter (report it to its authors)")
     result = Scores(values=values, adapter=adapter.name, fingerprint=fp, scorer=scorer,
-                    options=impl.describe(), extras=dict(impl.extras or {}), scale=impl.scale)
+                    options=impl.describe(), extras=dict(impl.extras or {}), scale=impl.scale, seed=seed,
+                    calibration_examples=sum(adapter.batch_size(b) for b in batches))
     if ckpt is not None:
         ckpt.discard()
     notify("stage", stage="scored", scorer=scorer)

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import optin
@@ -167,3 +168,104 @@ def test_no_adapter_message_names_the_model_type_and_what_each_adapter_loads(ws,
     line = one_error(invoke("run", "--model", folder, "--data", ws["data"], "--output", tmp_path / "out", *SMALL),
                      "model_type 'gpt2'", "GPT2LMHeadModel")
     assert "bert (HF folders" in line and "model_type vit or deit" in line
+
+
+# --- scores files (lists 2 and 4) ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scored(ws, tmp_path_factory) -> Path:
+    """A valid scores file of the workspace model (magnitude scorer)."""
+    out = tmp_path_factory.mktemp("scored") / "out"
+    res = invoke("score", "--model", ws["model"], "--data", ws["data"], "--scorer", "magnitude", "--output", out,
+                 "--calib-size", "8", "--quiet")
+    assert res.exit_code == 0, res.output
+    return out / "scores.safetensors"
+
+
+def _variant(scored: Path, path: Path, tensors=None, meta=None, drop=()) -> Path:
+    """A copy of ``scored`` with tensors and metadata changed (``None`` values delete a key)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(scored), framework="pt") as f:
+        metadata = dict(f.metadata())
+    data = load_file(str(scored))
+    for k, v in (tensors or {}).items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    for k in drop:
+        data.pop(k)
+    for k, v in (meta or {}).items():
+        if v is None:
+            metadata.pop(k, None)
+        else:
+            metadata[k] = v
+    save_file(data, str(path), metadata=metadata)
+    return path
+
+
+def _prune_with(ws, scores: Path, out: Path, *extra: str):
+    return invoke("prune", "--model", ws["model"], "--data", ws["data"], "--scores", scores, "--output", out,
+                  "--budget", "0.6", *extra, *SMALL)
+
+
+def _all(scored: Path, kind: str, fill: float) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: torch.full_like(v, fill) for k, v in load_file(str(scored)).items() if k.startswith(f"score/{kind}")}
+
+
+@pytest.mark.parametrize("case, words", [
+    ("nan", ["NaN or infinite"]),
+    ("inf-heads", ["NaN or infinite", "heads"]),
+    ("empty", ["holds no scores"]),
+    ("bad-layer", ["prefix/kind.layer"]),
+    ("no-slash", ["prefix/kind.layer"]),
+    ("traversal", ["prefix/kind.layer"]),
+    ("2d", ["1-D float tensor"]),
+    ("no-adapter", ["lacks the metadata adapter"]),
+    ("bad-options", ["options metadata", "JSON object"]),
+    ("gap", ["not 0..", "neurons"]),
+])
+def test_damaged_scores_files_are_refused(ws, scored, tmp_path, case, words):
+    from safetensors.torch import load_file
+
+    first = load_file(str(scored))["score/heads.0"]
+    variants = {
+        "nan": dict(tensors={**_all(scored, "heads", float("nan")), **_all(scored, "neurons", float("nan"))}),
+        "inf-heads": dict(tensors=_all(scored, "heads", float("inf"))),
+        "empty": dict(drop=list(load_file(str(scored)))),
+        "bad-layer": dict(tensors={"score/heads.x1": first}),
+        "no-slash": dict(tensors={"heads.0": first}),
+        "traversal": dict(tensors={"score/../../etc/passwd.0": first}),
+        "2d": dict(tensors={"score/heads.0": first.reshape(1, -1).repeat(2, 1)}),
+        "no-adapter": dict(meta={"adapter": None}),
+        "bad-options": dict(meta={"options": "{not json"}),
+        "gap": dict(tensors={"score/neurons.1": None}),
+    }
+    bad = _variant(scored, tmp_path / f"{case}.safetensors", **variants[case])
+    one_error(_prune_with(ws, bad, tmp_path / "out"), *words)
+    assert not (tmp_path / "out" / "report.json").exists()
+    with pytest.raises(optin.OptinError):
+        optin.Scores.load(bad)
+
+
+def test_checkpoint_put_appends_and_a_cut_record_costs_only_itself(tmp_path):
+    from optin.rankings import Checkpoint
+
+    path = tmp_path / "partial"
+    ck = Checkpoint(path, {"job": 1})
+    ck.put("a", torch.zeros(1000, dtype=torch.float64))
+    size = path.stat().st_size
+    ck.put("b", torch.ones(10, dtype=torch.float64))
+    grew = path.stat().st_size - size
+    assert grew < 400  # the new record only, not the 8 kB already stored
+    ck.put("c", torch.full((10,), 2.0, dtype=torch.float64))
+    path.write_bytes(path.read_bytes()[:-7])  # killed while writing "c"
+    again = Checkpoint(path, {"job": 1})
+    assert sorted(again.data) == ["a", "b"] and again.get("a").dtype == torch.float64
+    again.put("c", torch.full((10,), 3.0))
+    assert torch.equal(Checkpoint(path, {"job": 1}).get("c"), torch.full((10,), 3.0))
+    assert Checkpoint(path, {"job": 2}).resumed == 0
