@@ -121,3 +121,51 @@ def test_example_plugin_own_tests_pass(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
                          capture_output=True, text=True, env=_env(tmp_path), cwd=EXAMPLE)
     assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
+
+
+MISSPELLED_HOOK = '''"""A hook plugin with a typo: pluggy's hook is optin_tasks."""
+from optin.hooks import hookimpl
+
+
+@hookimpl
+def optin_task():
+    return {}
+'''
+
+
+def test_a_misspelled_hook_is_listed_as_broken_naming_it(tmp_path: Path) -> None:
+    """A package whose ``optin.hooks`` module implements ``optin_task`` (no such hook) is reported as broken
+    by ``optin list`` with the hook's name, and every other hook plugin still works.
+
+    The package is pip-installed into a folder of its own that only the ``optin`` subprocesses see
+    (``PYTHONPATH``): other processes using the shared environment meanwhile never see the broken plugin,
+    and there is nothing to uninstall."""
+    if importlib.util.find_spec("pip") is None or importlib.util.find_spec("setuptools") is None:
+        pytest.skip("needs pip and setuptools to build the test package offline")
+    pkg = tmp_path / "pkg"
+    (pkg / "optin_typo").mkdir(parents=True)
+    (pkg / "optin_typo" / "__init__.py").write_text(MISSPELLED_HOOK)
+    (pkg / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=64"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        '[project]\nname = "optin-typo"\nversion = "0.1.0"\n\n'
+        '[project.entry-points."optin.hooks"]\ntypo-tasks = "optin_typo"\n\n'
+        '[tool.setuptools]\npackages = ["optin_typo"]\n')
+    site = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                          "--disable-pip-version-check", "--target", str(site), str(pkg)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, f"pip install failed:\n{res.stdout}\n{res.stderr}"
+    env = {**_env(tmp_path), "PYTHONPATH": str(site), "COLUMNS": "200"}
+
+    listed = subprocess.run([sys.executable, "-m", "optin.cli", "list", "--json"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    info = json.loads(listed.stdout)
+    assert "unknown hook 'optin_task'" in info["broken_hooks"]["typo-tasks"]
+    assert "optin_tasks" in info["broken_hooks"]["typo-tasks"]  # the message lists the hooks that exist
+    assert {"trec", "fashion-mnist"} <= set(info["tasks"]) and "minilm-trec" in info["models"]
+
+    table = subprocess.run([sys.executable, "-m", "optin.cli", "list"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "typo-tasks" in table.stdout and "'optin_task'" in table.stdout
