@@ -2,8 +2,8 @@
 
 Installs the example into the current environment with pip (editable, so running this test twice is
 harmless), then checks in fresh processes what a plugin author would see: ``optin list --json`` shows the
-``taylor`` scorer from distribution ``optin-taylor`` and its ``toy-polarity`` task, and ``optin run
---scorer taylor`` prunes a tiny BERT to the budget.
+``taylor`` and ``activation`` scorers from distribution ``optin-taylor`` and its ``toy-polarity`` task, and
+``optin run --scorer taylor`` prunes a tiny BERT to the budget.
 """
 from __future__ import annotations
 
@@ -87,6 +87,10 @@ def test_example_plugin_is_discovered_and_runs(tmp_path: Path) -> None:
     assert taylor[0]["origin"] == "optin-taylor"
     assert taylor[0]["available"], taylor[0]["error"]
     assert taylor[0]["target"] == "optin_taylor:TaylorScorer"
+    activation = [p for p in info["plugins"] if p["kind"] == "scorer" and p["name"] == "activation"]
+    assert len(activation) == 1 and activation[0]["origin"] == "optin-taylor" and activation[0]["available"]
+    assert activation[0]["target"] == "optin_taylor.activation:ActivationScorer"
+    assert activation[0]["summary"].startswith("Activation size")
     assert "toy-polarity" in info["tasks"]  # the hook-style contribution of the same package
     assert not info["broken_hooks"]
 

@@ -7,7 +7,9 @@ from optin.contracts import Adapter, Batch, ScoreContext, Scorer
 from optin.errors import OptinError
 from optin.units import UnitTensors
 
-__all__ = ["TaylorScorer"]
+from .activation import ActivationScorer
+
+__all__ = ["ActivationScorer", "TaylorScorer"]
 
 
 def micro_batches(batch: Batch, size: int) -> list[Batch]:

@@ -7,6 +7,7 @@ import transformers
 
 import optin
 from optin.contracts import ScoreContext
+from optin.testing import check_scorer
 from optin_plugins.adapters.bert import BertAdapter
 from optin_taylor import TaylorScorer
 
@@ -22,12 +23,13 @@ def adapter_and_batch():
     return BertAdapter(model), batch
 
 
-def test_shapes_and_signs(adapter_and_batch):
+def test_conforms_and_scores_are_absolute_values(adapter_and_batch):
     adapter, batch = adapter_and_batch
-    scores = TaylorScorer(micro_batch=4).score(adapter, [batch], ScoreContext())
-    assert {k: [t.numel() for t in v] for k, v in scores.items()} == adapter.unit_counts()
+    # optin's conformance kit: one finite score per unit, the model (and requires_grad) left as it was,
+    # a known scale, JSON-able describe(), the same scores for the same seed
+    scores = check_scorer(TaylorScorer(micro_batch=4), adapter, [batch])
+    assert set(scores) == set(adapter.unit_counts())
     assert all(float(t.min()) >= 0 for v in scores.values() for t in v)
-    assert all(p.requires_grad for p in adapter.model.parameters())  # the scorer restores what it froze
 
 
 def test_matches_a_finite_difference(adapter_and_batch):
