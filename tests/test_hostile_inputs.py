@@ -269,3 +269,84 @@ def test_checkpoint_put_appends_and_a_cut_record_costs_only_itself(tmp_path):
     again.put("c", torch.full((10,), 3.0))
     assert torch.equal(Checkpoint(path, {"job": 1}).get("c"), torch.full((10,), 3.0))
     assert Checkpoint(path, {"job": 2}).resumed == 0
+
+
+# --- pruned exports with hostile plans (lists 4 and 5) -------------------------------------------
+
+@pytest.fixture(scope="module")
+def export(ws, tmp_path_factory) -> Path:
+    """A pruned export (OUTPUT/model) of the workspace model."""
+    out = tmp_path_factory.mktemp("export") / "out"
+    res = invoke("run", "--model", ws["model"], "--data", ws["data"], "--scorer", "magnitude", "--output", out,
+                 "--budget", "0.7", *SMALL)
+    assert res.exit_code == 0, res.output
+    return out / "model"
+
+
+def _plan_variant(export: Path, tmp_path: Path, change) -> Path:
+    import shutil
+
+    folder = Path(shutil.copytree(export, tmp_path / "plan-variant"))
+    plan = json.loads((folder / "optin-plan.json").read_text())
+    plan = change(plan)
+    (folder / "optin-plan.json").write_text(json.dumps(plan))
+    return folder
+
+
+def _set(path: list, value):
+    def change(plan):
+        node = plan
+        for key in path[:-1]:
+            node = node[key]
+        if value is KeyError:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        return plan
+    return change
+
+
+PLANS = {
+    "short unit_counts": (_set(["unit_counts", "heads"], [4]), ["unit_counts['heads']"]),
+    "negative unit_counts": (_set(["unit_counts", "heads"], [-1, 2, 2]), ["unit_counts['heads']", ">= 0"]),
+    "string unit_counts": (_set(["unit_counts", "heads"], "4,4,4"), ["unit_counts['heads']"]),
+    "list instead of mapping": (lambda plan: [plan], ["must be a JSON object"]),
+    "unit_counts a list": (_set(["unit_counts"], [[4, 4, 4]]), ["'unit_counts' must be a mapping"]),
+    "missing plan": (_set(["plan"], KeyError), ["'plan' must be a mapping", "missing"]),
+    "class __class__": (_set(["plan", "model_class"], "__class__"), ["'__class__'", "not a transformers model class"]),
+    "class AutoModel": (_set(["plan", "model_class"], "AutoModel"), ["'AutoModel'", "not a transformers model class"]),
+    "unknown model_type": (_set(["plan", "config", "model_type"], "evil"), ["model_type 'evil'"]),
+    "a million layers": (_set(["plan", "config", "num_hidden_layers"], 1_000_000), ["num_hidden_layers = 1000000"]),
+    "huge vocabulary": (_set(["plan", "config", "vocab_size"], 10 ** 11), ["word_embeddings", "100000000000"]),
+    "unknown adapter": (_set(["adapter"], "nope"), ["unknown adapter 'nope'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANS))
+def test_hostile_plans_fail_fast_in_one_line(export, ws, tmp_path, case):
+    import time
+
+    change, words = PLANS[case]
+    folder = _plan_variant(export, tmp_path, change)
+    t0 = time.perf_counter()
+    with pytest.raises(optin.OptinError) as info:
+        optin.load_pruned(folder)
+    assert time.perf_counter() - t0 < 1.0
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+    one_error(invoke("run", "--model", folder, "--data", ws["data"], "--output", tmp_path / "out", *SMALL), *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_timm_folder_whose_weights_do_not_match_its_config(tmp_path, ws):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from optin_plugins.adapters.timm_io import save_timm_folder
+
+    args = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2)
+    folder = save_timm_folder(VisionTransformer(**args), tmp_path / "vit", args)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_args"]["embed_dim"] = 64
+    (folder / "config.json").write_text(json.dumps(cfg))
+    one_error(invoke("run", "--model", folder, "--task", "fashion-mnist", "--output", tmp_path / "out", *SMALL),
+              "does not match the model", "tensors of other shapes", "another config")

@@ -25,6 +25,7 @@ from torch import nn
 
 from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
+from optin.export import rebuild_device
 from optin.units import CostModel, UnitTensors
 from optin.hooking import removing
 
@@ -357,7 +358,8 @@ class ConvChannelAdapter(HookedAdapter):
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "ConvChannelAdapter":
         try:
-            model = cls.from_spec(plan["spec"])
+            with rebuild_device():  # the meta device during load_pruned's checking pass
+                model = cls.from_spec(plan["spec"])
         except (KeyError, TypeError, ValueError) as exc:
             raise OptinError(f"cannot rebuild the {cls.name} model from its plan: {type(exc).__name__}: {exc}") from exc
         adapter = cls(model.eval(), image_size=plan.get("image_size"))

@@ -3,13 +3,14 @@ models from a plan."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from optin.contracts import Adapter, Batch, Trace, UnitSite
 from optin.errors import OptinError
+from optin.export import check_layer_count, rebuild_device
 from optin.hooking import removing
 from optin.masking import mask_hook, masked_sites
 from optin.safety import NO_REMOTE_CODE
@@ -120,16 +121,44 @@ def first_k_masks(current: dict[str, list[int]], target: dict[str, list[int]]) -
     return {k: [(torch.arange(full) < keep).float() for full, keep in zip(current[k], target[k])] for k in target}
 
 
+# Config keys that count layers: a plan may not declare more of them than its weights file has tensors.
+LAYER_KEYS = ("num_hidden_layers", "num_layers", "encoder_layers", "decoder_layers", "depths", "depth")
+
+
+def _layer_counts(config: Any, path: str = "config") -> Iterator[tuple[str, int]]:
+    """``(where, count)`` for every layer-count key in a (nested) config mapping."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key in LAYER_KEYS:
+                values = value if isinstance(value, list) else [value]
+                if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                    yield f"{path}.{key}", sum(values)
+            elif isinstance(value, dict):
+                yield from _layer_counts(value, f"{path}.{key}")
+
+
 def hf_model_from_plan(plan: dict) -> nn.Module:
-    """A randomly initialised transformers model of the plan's class and original config."""
+    """A randomly initialised transformers model of the plan's class and original config (on the meta device
+    during ``load_pruned``'s checking pass; layer counts bounded by the weights file first)."""
     import transformers
     from transformers import AutoConfig
 
-    model_cls = getattr(transformers, plan["model_class"], None)
-    if not isinstance(model_cls, type):
-        raise OptinError(f"unknown model class {plan['model_class']!r} in the plan")
-    cfg = dict(plan["config"])
-    return model_cls(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).eval()
+    name = plan.get("model_class")
+    model_cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel)):
+        raise OptinError(f"the plan names model class {str(name)[:60]!r}, which is not a transformers model class "
+                         "(e.g. BertForSequenceClassification); the plan is damaged: re-export the pruned model")
+    cfg = dict(plan.get("config") or {})
+    model_type = cfg.pop("model_type", None)
+    for where, n in _layer_counts(cfg):
+        check_layer_count(n, where)
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OptinError(f"the plan's config cannot be used (model_type {model_type!r}): "
+                         f"{' '.join(str(exc).split())[:200]}; re-export the pruned model") from None
+    with rebuild_device():
+        return model_cls(config).eval()
 
 
 class HFImageClassifier:

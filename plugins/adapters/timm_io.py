@@ -10,9 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from optin.errors import OptinError
+from optin.export import check_layer_count, rebuild_device, shape_differences, weight_shapes
 
 TIMM_CLASSES = ("VisionTransformer", "SwinTransformer")
 
@@ -53,16 +55,31 @@ def load_timm_folder(path: str | Path) -> nn.Module:
     for f in (config_file, weights):
         if not f.is_file():
             raise OptinError(f"{path} is not a timm model folder: {f.name} is missing")
+    shapes = weight_shapes(weights)
     try:
         config = json.loads(config_file.read_text())
         cls = timm_class(config.get("timm_class", "VisionTransformer"))
-        model = cls(**config["model_args"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise OptinError(f"cannot rebuild the model from {config_file}: {type(exc).__name__}: {exc}") from exc
+        args = config["model_args"]
+        for key in ("depth", "depths"):  # no more blocks than the weights file has tensors
+            n = args.get(key)
+            n = sum(n) if isinstance(n, (list, tuple)) and all(isinstance(v, int) for v in n) else n
+            if isinstance(n, int) and n > len(shapes):
+                raise OptinError(f"{config_file} declares {key} {n} but {weights.name} holds {len(shapes)} tensors; "
+                                 "the config does not belong to these weights")
+        with torch.device("meta"):  # shapes first, without memory: a wrong config fails before allocating
+            differ = shape_differences(cls(**args), shapes)
+        if differ:
+            raise OptinError(f"{weights} does not match the model in {config_file}: {differ}; the weights belong to "
+                             "another config (re-save the folder with the config the weights were trained with)")
+        model = cls(**args)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise OptinError(f"cannot rebuild the model from {config_file}: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
     try:
         model.load_state_dict(load_file(str(weights)), strict=True)
     except RuntimeError as exc:
-        raise OptinError(f"{weights} does not match the model in {config_file}: {exc}") from exc
+        raise OptinError(f"{weights} does not match the model in {config_file}: {' '.join(str(exc).split())[:300]}") \
+            from None
     return model.eval()
 
 
@@ -94,11 +111,21 @@ def timm_from_config(cfg: dict, expected: str) -> nn.Module:
     if "model_args" in cfg:
         if cfg.get("timm_class", expected) != expected:
             raise OptinError(f"cannot rebuild timm class {cfg.get('timm_class')!r} here (supported: {expected})")
-        return timm_class(expected)(**cfg["model_args"]).eval()
+        args = cfg["model_args"]
+        if not isinstance(args, dict):
+            raise OptinError(f"the plan's timm model_args must be a mapping, got {type(args).__name__}")
+        for key in ("depth", "depths"):  # bounded by the weights file before anything is built
+            value = args.get(key)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and all(isinstance(v, int) for v in values):
+                check_layer_count(sum(values), f"model_args.{key}")
+        with rebuild_device():
+            return timm_class(expected)(**args).eval()
     if "timm_name" in cfg:
         import timm
 
-        return timm.create_model(cfg["timm_name"], pretrained=False, num_classes=cfg["num_classes"]).eval()
+        with rebuild_device():
+            return timm.create_model(cfg["timm_name"], pretrained=False, num_classes=cfg["num_classes"]).eval()
     raise OptinError(f"this pruned {expected} was exported without its timm config (timm_class + model_args, or "
                      "timm_name); pass the model with processor={'timm_class': ..., 'model_args': {...}} before "
                      "pruning")
