@@ -207,6 +207,12 @@ class Adapter(ABC):
     def trace(self, batch: Batch) -> Trace:
         raise NotImplementedError(f"adapter {self.name!r} does not support trajectory scoring")
 
+    def forward_embeddings(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One forward of ``batch`` with autograd on (and any ``masked`` context in effect): every block's
+        trajectory embedding, in the layout of ``trace(batch).embeddings``, and the logits. The approximate
+        trajectory differentiates them with respect to the masks."""
+        raise NotImplementedError(f"adapter {self.name!r} does not support the approximate trajectory")
+
     def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
                  select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:

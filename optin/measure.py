@@ -92,15 +92,17 @@ def evaluate(adapter: Adapter, batches: list[Batch], metric: str, reference: Ada
 
 @torch.no_grad()
 def throughput(runs: dict[str, Callable[[], object]], examples: int, warmup: int = 3, repeats: int = 15,
-               min_seconds: float = 0.0) -> dict[str, float]:
+               min_seconds: float = 0.0, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Examples per second of each callable on the same batch, timed interleaved in one process.
 
     Each callable is warmed up, then the callables take turns so that machine noise hits all of them;
-    the figure is ``examples / median(seconds per call)``.
+    the figure is ``examples / median(seconds per call)``. ``sync`` waits for an asynchronous device
+    (CUDA) before each clock reading.
     """
     for fn in runs.values():
         for _ in range(warmup):
             fn()
+    sync()
     times: dict[str, list[float]] = {k: [] for k in runs}
     start = time.perf_counter()
     i = 0
@@ -108,6 +110,7 @@ def throughput(runs: dict[str, Callable[[], object]], examples: int, warmup: int
         for name, fn in runs.items():
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
         i += 1
     return {k: examples / statistics.median(v) for k, v in times.items()}

@@ -234,12 +234,31 @@ def test_kd_divergence_formula():
     g = torch.Generator().manual_seed(0)
     z, zp = torch.randn(4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
     T = 4.0
-    p = torch.softmax(z / T, -1)
-    expected = torch.stack([(p * (p.log() - torch.log_softmax(zp[r] / T, -1))).sum() * T * T for r in range(2)])
-    assert torch.allclose(losses.kd_divergence(zp, z, T), expected, atol=1e-6)
-    p1 = torch.softmax(z, -1)
-    official = torch.stack([(p1 * (p1.log() - torch.log_softmax(zp[r], -1))).sum() * T * T for r in range(2)])
-    assert torch.allclose(losses.kd_divergence(zp, z, T, divide_by_t=False), official, atol=1e-5)
+    p = torch.softmax(z.double() / T, -1)
+    expected = torch.stack([(p * (p.log() - torch.log_softmax(zp[r].double() / T, -1))).sum() * T * T
+                            for r in range(2)])
+    got = losses.kd_divergence(zp, z, T)
+    assert got.dtype == torch.float64  # single-unit KLs are below float32 resolution
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+    p1 = torch.softmax(z.double(), -1)
+    official = torch.stack([(p1 * (p1.log() - torch.log_softmax(zp[r].double(), -1))).sum() * T * T for r in range(2)])
+    assert torch.allclose(losses.kd_divergence(zp, z, T, divide_by_t=False), official, rtol=1e-12, atol=0)
+
+
+def test_kd_of_a_tiny_change_is_positive_and_second_order():
+    """A logit change of 1e-4 gives a KL of ~1e-9 relative: float32 would return noise (or negatives);
+    float64 gives the second-order value 1/2 d^T (diag(p) - p p^T) d / T^2 * T^2."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(8, 5, generator=g)
+    d = 1e-4 * torch.randn(8, 5, generator=g)
+    moved = z + d
+    got = losses.kd_divergence(moved.unsqueeze(0), z, 4.0)[0]
+    d = moved.double() - z.double()  # the change float32 actually holds
+    p = torch.softmax(z.double() / 4, -1)
+    cov = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    second = 0.5 * torch.einsum("bi,bij,bj->", d, cov, d)
+    assert got > 0
+    assert abs(float(got) / float(second) - 1) < 1e-3
 
 
 def test_sample_rows_skips_padding_and_is_fixed_by_seed():

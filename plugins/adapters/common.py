@@ -52,6 +52,16 @@ class HookedAdapter(Adapter):
         """Block ``z``'s embedding from ``embedding_module(z)``'s output (default: as it is)."""
         return output
 
+    def forward_embeddings(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``logits(batch)`` with every block's ``embedding_of(embedding_module(z))`` recorded (autograd on)."""
+        n_blocks = len(next(iter(self.unit_counts().values())))
+        emb: dict[int, torch.Tensor] = {}
+        handles = [self.embedding_module(z).register_forward_hook(
+            lambda m, a, o, z=z: emb.__setitem__(z, self.embedding_of(z, o))) for z in range(n_blocks)]
+        with removing(handles):
+            logits = self.logits(batch)
+        return [emb[z] for z in range(n_blocks)], logits
+
     @contextmanager
     def restart_hooks(self, kind: str, layer: int, masks: torch.Tensor, n_blocks: int,
                       select: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:

@@ -42,11 +42,12 @@ def kd_divergence(masked_logits: torch.Tensor, logits: torch.Tensor, temperature
     ``masked_logits`` (R, B, C), ``logits`` (B, C). Segmentation outputs (B, C, *spatial) are per-pixel
     class distributions: the KL is taken over C at every pixel and averaged over the pixels. With
     ``divide_by_t=False`` the logits are not divided by T (the official OPTIN code's variant) but the
-    result is still multiplied by T^2.
+    result is still multiplied by T^2. Computed in float64: masking one unit moves the logits by so little
+    that float32 log-softmax differences are rounding noise (even negative KLs).
     """
     t = temperature if divide_by_t else 1.0
-    p_log = F.log_softmax(_f32(logits) / t, dim=1).unsqueeze(0)
-    q_log = F.log_softmax(_f32(masked_logits) / t, dim=2)
+    p_log = F.log_softmax(logits.double() / t, dim=1).unsqueeze(0)
+    q_log = F.log_softmax(masked_logits.double() / t, dim=2)
     kl = (p_log.exp() * (p_log - q_log)).sum(dim=2)  # (R, B, *spatial)
     if kl.dim() > 2:
         kl = kl.flatten(2).mean(dim=2)

@@ -37,7 +37,7 @@ class FisherScorer(Scorer):
     def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
         counts = adapter.unit_counts()
         masks = {k: [torch.ones(n, requires_grad=True) for n in ns] for k, ns in counts.items()}
-        fisher = {k: [torch.zeros(n) for n in ns] for k, ns in counts.items()}
+        fisher = {k: [torch.zeros(n, dtype=torch.float64) for n in ns] for k, ns in counts.items()}
         params = [p for p in adapter.model.parameters() if p.requires_grad]
         for p in params:
             p.requires_grad_(False)
@@ -54,9 +54,9 @@ class FisherScorer(Scorer):
                     for i in range(len(masks[kind])):
                         g = next(it)
                         if g is not None:
-                            fisher[kind][i] += g.detach().pow(2)
+                            fisher[kind][i] += g.detach().double().pow(2).cpu()
                 ctx.advance(1)
         finally:
             for p in params:
                 p.requires_grad_(True)
-        return fisher
+        return {k: [t.float() for t in v] for k, v in fisher.items()}  # accumulated in float64

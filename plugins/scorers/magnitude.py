@@ -1,6 +1,8 @@
 """Magnitude baseline: a unit's importance is the norm of the weights it owns."""
 from __future__ import annotations
 
+import torch
+
 from optin.contracts import Adapter, Batch, ScoreContext, Scorer
 from optin.units import UnitTensors
 
@@ -24,6 +26,6 @@ class MagnitudeScorer(Scorer):
         for kind, layers in weights.items():
             out[kind] = []
             for w in layers:
-                out[kind].append(w.float().norm(p=self.p, dim=1) if w.numel() else w.new_zeros(w.shape[0]))
+                out[kind].append(w.double().norm(p=self.p, dim=1).float().cpu() if w.numel() else torch.zeros(w.shape[0]))
                 ctx.advance(w.shape[0])
         return out

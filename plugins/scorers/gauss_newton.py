@@ -1,0 +1,161 @@
+"""The approximate trajectory: a Gauss-Newton estimate of every unit's trajectory distances at once.
+
+Both trajectory distances are squared distances from the unmasked model, zero with zero gradient at the
+all-ones mask m = 1 (DESIGN.md 3.10). To second order, removing unit u (m -> 1 - e_u) costs
+
+    L_MD(u) ~ sum_{z > i} || J_z e_u ||^2            J_z = d vec(M_z) / d m, M_z block z's relation map
+    L_KD(u) ~ (T^2 / t^2) / 2 * sum_b (J_b e_u)^T S_b (J_b e_u)   J_b = d logits_b / d m, S_b = diag(p) - p p^T
+
+(p = softmax(logits_b / t), t = T or 1 as the exact KD divides by it or not). Squared column norms of a
+Jacobian are estimated with random probes (Hutchinson): for a probe v with E[v v^T] = I (Rademacher),
+E[(v^T J e_u)^2] = ||J e_u||^2, and ``v^T J`` for every unit at once is one backward pass of
+``<v, M(m)>``. For the KD term the probe is ``onehot(c) - p`` with c drawn from p (covariance S: the
+Fisher of the model's own predictive distribution, not of the true labels).
+
+Only later blocks count for a unit of block i (its own block only for the last block). A backward pass
+of ``sum_z <v_z, M_z>`` gives unit u of block i the terms of every z >= i (earlier blocks do not depend on
+it); the z = i term is removed by a second, local backward of ``<v_i, M_i>`` with respect to block i's
+masks alone (autograd only walks block i for it).
+
+Relation maps couple token rows of different examples, so with micro-batches the probe's dual
+``G = (V + V^T) f`` (f the unmasked normalised rows) is fixed once per batch and each micro-batch
+contributes ``sum_{rows in it} <G_row, normalize(F_row(m))>``, whose gradient is that micro-batch's part of
+``V^T J``; gradients are summed over micro-batches before squaring.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from optin.contracts import Adapter, Batch, Trace
+from optin.units import UnitTensors
+
+
+def rademacher(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Independent +-1 entries (probes with E[v v^T] = I and the lowest-variance Hutchinson estimate)."""
+    return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(dtype)
+
+
+def manifold_duals(reference_rows: torch.Tensor, probes: int, generator: torch.Generator) -> torch.Tensor:
+    """(P, K, D): ``(V + V^T) f`` for P Rademacher probes V (K, K) and the unmasked normalised rows f (K, D):
+    the gradient of ``<V, f f^T>`` with respect to the rows."""
+    f = F.normalize(reference_rows.double(), dim=-1)
+    k = f.shape[0]
+    v = rademacher((probes, k, k), generator)
+    return (v + v.transpose(1, 2)) @ f
+
+
+def feature_duals(reference: torch.Tensor, probes: int, generator: torch.Generator, batch: int) -> torch.Tensor:
+    """(P, *map): probes for the CNN distance ``mean((mean_b F' - mean_b F)^2)``, scaled so that the squared
+    gradient of ``sum_b <V, F_b>`` estimates it: V / (batch * sqrt(numel))."""
+    v = rademacher((probes, *reference.shape), generator)
+    return v / (batch * math.sqrt(reference.numel()))
+
+
+def kd_duals(logits: torch.Tensor, probes: int, generator: torch.Generator, temperature: float,
+             divide_by_t: bool) -> torch.Tensor:
+    """(P, B, C, *spatial): ``(onehot(c) - p) * T / (t * sqrt(2 * pixels))`` with c drawn from
+    p = softmax(logits / t) at every example (and pixel). The squared gradient of ``<U, logits(m)>``
+    estimates the KD term of ``kd_divergence`` (KL x T^2, averaged over pixels, summed over the batch)."""
+    t = temperature if divide_by_t else 1.0
+    p = torch.softmax(logits.double() / t, dim=1)
+    classes = p.shape[1]
+    flat = p.movedim(1, -1).reshape(-1, classes)
+    draws = torch.multinomial(flat.float().expand(probes, *flat.shape).reshape(-1, classes), 1, replacement=True,
+                              generator=generator).reshape(probes, -1)
+    onehot = F.one_hot(draws, classes).double().reshape(probes, *p.movedim(1, -1).shape).movedim(-1, 2)
+    pixels = p[0, 0].numel()
+    return (onehot - p.unsqueeze(0)) * (temperature / (t * math.sqrt(2.0 * pixels)))
+
+
+def split_examples(n: int, size: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) example ranges of at most ``size``."""
+    return [(s, min(n, s + size)) for s in range(0, n, max(1, size))]
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Examples ``start:stop`` of a batch (tensors split on dim 0, other values shared)."""
+    return {k: (v[start:stop] if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _flat(grads: tuple[torch.Tensor | None, ...], like: list[torch.Tensor]) -> torch.Tensor:
+    """One float64 CPU vector of per-unit gradients (zeros for masks the output does not reach)."""
+    return torch.cat([(g.detach().double().cpu() if g is not None else torch.zeros(m.numel(), dtype=torch.float64))
+                      .flatten() for g, m in zip(grads, like)])
+
+
+class ProbeDistance:
+    """What the estimator needs from a trajectory distance: per block, fixed probe duals for a batch and
+    the differentiable probe terms ``(P,)`` of a micro-batch's embeddings."""
+
+    def duals(self, z: int, probes: int, generator: torch.Generator, batch: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def terms(self, z: int, features: torch.Tensor, start: int, stop: int, duals: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def estimate(adapter: Adapter, batches: list[Batch], traces: list[Trace], distances: list[ProbeDistance],
+             masks: dict[str, list[torch.Tensor]], n_layers: int, *, probes: int, temperature: float,
+             divide_by_t: bool, examples_per_pass: int, seed: int,
+             advance: Callable[[int], None] = lambda n: None) -> tuple[UnitTensors, UnitTensors]:
+    """Gauss-Newton estimates of L_MD and L_KD for every unit of ``masks`` (leaf tensors of ones with
+    ``requires_grad``, one per kind and layer). ``advance`` is called once per micro-batch and probe."""
+    kinds = list(masks)
+    flat_masks = [m for k in kinds for m in masks[k]]
+    offsets = [0]
+    for m in flat_masks:
+        offsets.append(offsets[-1] + m.numel())
+    where = {(k, i): offsets[j] for j, (k, i) in enumerate((k, i) for k in kinds for i in range(len(masks[k])))}
+    g_md = torch.zeros(probes, offsets[-1], dtype=torch.float64)
+    g_kd = torch.zeros(probes, offsets[-1], dtype=torch.float64)
+    for b, (batch, trace, dist) in enumerate(zip(batches, traces, distances)):
+        gen = torch.Generator().manual_seed(seed * 1000003 + b)
+        n_ex = int(trace.logits.shape[0])
+        device = trace.logits.device
+        duals = [dist.duals(z, probes, gen, n_ex).to(device) for z in range(n_layers)]
+        kd = kd_duals(trace.logits.cpu(), probes, gen, temperature, divide_by_t).to(device)
+        for start, stop in split_examples(n_ex, examples_per_pass):
+            with torch.enable_grad(), adapter.masked(masks):
+                embeddings, logits = adapter.forward_embeddings(slice_batch(batch, start, stop))
+                md_terms = [dist.terms(z, embeddings[z], start, stop, duals[z]) for z in range(n_layers)]
+                total = torch.stack(md_terms).sum(0)  # (P,)
+                kd_terms = (kd[:, start:stop] * logits.double().unsqueeze(0)).flatten(1).sum(1)  # (P,)
+            for p in range(probes):
+                g = _flat(torch.autograd.grad(total[p], flat_masks, retain_graph=True, allow_unused=True), flat_masks)
+                g -= _local(md_terms, p, masks, where, offsets[-1], n_layers)
+                g_md[p] += g
+                g_kd[p] += _flat(torch.autograd.grad(kd_terms[p], flat_masks, retain_graph=True, allow_unused=True),
+                                 flat_masks)
+                advance(1)
+    md_flat, kd_flat = g_md.pow(2).mean(0), g_kd.pow(2).mean(0)
+    return _unflat(md_flat, masks, kinds), _unflat(kd_flat, masks, kinds)
+
+
+def _local(md_terms: list[torch.Tensor], p: int, masks: dict[str, list[torch.Tensor]],
+           where: dict[tuple[str, int], int], n_units: int, n_layers: int) -> torch.Tensor:
+    """The z = i part of probe p's gradient, for the units of every block i but the last (whose own
+    embedding is its trajectory): a backward of ``<v_i, M_i>`` to block i's masks only."""
+    local = torch.zeros(n_units, dtype=torch.float64)
+    for i in range(n_layers - 1):
+        own = [(k, masks[k][i]) for k in masks if masks[k][i].numel()]
+        if not own or not md_terms[i].requires_grad:
+            continue
+        grads = torch.autograd.grad(md_terms[i][p], [m for _, m in own], retain_graph=True, allow_unused=True)
+        for (k, m), g in zip(own, grads):
+            if g is not None:
+                local[where[(k, i)]:where[(k, i)] + m.numel()] = g.detach().double().cpu()
+    return local
+
+
+def _unflat(values: torch.Tensor, masks: dict[str, list[torch.Tensor]], kinds: list[str]) -> UnitTensors:
+    out: UnitTensors = {k: [] for k in kinds}
+    at = 0
+    for k in kinds:
+        for m in masks[k]:
+            out[k].append(values[at:at + m.numel()].clone())
+            at += m.numel()
+    return out
