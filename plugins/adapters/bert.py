@@ -21,7 +21,8 @@ from optin.safety import NO_REMOTE_CODE
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
-from .common import HookedAdapter, first_k_masks, hf_model_from_plan, kept, slice_mlp, track
+from .common import HookedAdapter, first_k_masks, hf_model_from_plan, slice_mlp
+from .heads import prune_blocks
 
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
 
@@ -48,6 +49,29 @@ class _Replay(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         return self.value, None
+
+
+@torch.no_grad()
+def _slice_heads(block: nn.Module, keep: list[int]) -> None:
+    """Keep only heads ``keep`` of a BERT layer (Q/K/V rows, output-projection columns), in place."""
+    att = block.attention.self
+    d = int(att.attention_head_size)
+    rows = head_rows(keep, d)
+    if keep:
+        for p in ("query", "key", "value"):
+            setattr(att, p, slice_linear(getattr(att, p), out_idx=rows))
+        att.num_attention_heads = len(keep)
+        att.all_head_size = len(keep) * d
+    elif not isinstance(att, _NoHeads):
+        block.attention.self = _NoHeads(d)
+    block.attention.output.dense = slice_linear(block.attention.output.dense, in_idx=rows)
+
+
+@torch.no_grad()
+def _slice_neurons(block: nn.Module, keep: list[int]) -> None:
+    """Keep only FFN hidden neurons ``keep`` of a BERT layer (intermediate rows, output columns)."""
+    block.intermediate.dense, block.output.dense = slice_mlp(block.intermediate.dense, block.output.dense,
+                                                             torch.as_tensor(keep, dtype=torch.long))
 
 
 def _encoder_of(model: nn.Module) -> nn.Module | None:
@@ -299,28 +323,8 @@ class BertAdapter(HookedAdapter):
                 logits.reshape(reps * n, *logits.shape[2:]))
 
     # --- physical removal ------------------------------------------------------------------------
-    @torch.no_grad()
     def prune(self, masks: UnitTensors) -> None:
-        d = self.head_dim
-        for i, block in enumerate(self.layers):
-            if "heads" in masks:
-                keep = kept(masks["heads"][i]).tolist()
-                rows = head_rows(keep, d)
-                att = block.attention.self
-                if keep:
-                    for p in ("query", "key", "value"):
-                        setattr(att, p, slice_linear(getattr(att, p), out_idx=rows))
-                    att.num_attention_heads = len(keep)
-                    att.all_head_size = len(keep) * d
-                elif not isinstance(att, _NoHeads):
-                    block.attention.self = _NoHeads(d)
-                block.attention.output.dense = slice_linear(block.attention.output.dense, in_idx=rows)
-                track(self.kept_index, "heads", i, keep)
-            if "neurons" in masks:
-                keep_t = kept(masks["neurons"][i])
-                block.intermediate.dense, block.output.dense = slice_mlp(block.intermediate.dense,
-                                                                         block.output.dense, keep_t)
-                track(self.kept_index, "neurons", i, keep_t.tolist())
+        prune_blocks(self.layers, masks, self.kept_index, _slice_heads, _slice_neurons)
 
     def plan(self) -> dict:
         return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),

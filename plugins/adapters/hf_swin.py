@@ -23,6 +23,7 @@ from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
 from .common import HFImageClassifier, HookedAdapter, first_k_masks, hf_model_from_plan, trace_blocks
+from .heads import prune_blocks, slice_hf_heads, slice_mlp_neurons
 
 
 def _swin_of(model: nn.Module) -> nn.Module | None:
@@ -149,7 +150,7 @@ class HFSwinAdapter(HFImageClassifier, HookedAdapter):
     # --- physical removal and persistence --------------------------------------------------------
     @torch.no_grad()
     def prune(self, masks: UnitTensors) -> None:
-        sb.prune_blocks(self.blocks, masks, self.kept_index, sb.slice_hf_heads, sb.slice_hf_neurons)
+        prune_blocks(self.blocks, masks, self.kept_index, slice_hf_heads, slice_mlp_neurons)
 
     def plan(self) -> dict:
         return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),

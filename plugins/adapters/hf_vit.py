@@ -17,11 +17,11 @@ from torch import nn
 from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
 from optin.hooking import removing
-from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
 from .bert import _Replay
-from .common import HFImageClassifier, HookedAdapter, first_k_masks, hf_model_from_plan, kept, slice_mlp, track
+from .common import HFImageClassifier, HookedAdapter, first_k_masks, hf_model_from_plan
+from .heads import prune_blocks, slice_hf_heads, slice_mlp_neurons
 
 HF_VISION = {"vit", "deit"}
 
@@ -36,17 +36,6 @@ def _layers_of(model: nn.Module) -> nn.ModuleList | None:
     ok = all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(mlp, "fc2") \
         and hasattr(getattr(base, "embeddings", None), "patch_embeddings")
     return layers if ok else None
-
-
-class _NoHeads(nn.Module):
-    """An attention with every head removed: outputs the output projection's bias."""
-
-    def __init__(self, o_proj: nn.Linear, head_dim: int) -> None:
-        super().__init__()
-        self.o_proj, self.num_attention_heads, self.head_dim = o_proj, 0, head_dim
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        return self.o_proj(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
 
 
 class HFVitAdapter(HFImageClassifier, HookedAdapter):
@@ -157,27 +146,8 @@ class HFVitAdapter(HFImageClassifier, HookedAdapter):
                 block.attention = saved
         return dict(collected), logits
 
-    @torch.no_grad()
     def prune(self, masks: UnitTensors) -> None:
-        d = self.head_dim
-        for i, l in enumerate(self.layers):
-            if "heads" in masks:
-                keep = kept(masks["heads"][i]).tolist()
-                rows = head_rows(keep, d)
-                att = l.attention
-                o_proj = slice_linear(att.o_proj, in_idx=rows)
-                if keep:
-                    for p in ("q_proj", "k_proj", "v_proj"):
-                        setattr(att, p, slice_linear(getattr(att, p), out_idx=rows))
-                    att.o_proj = o_proj
-                    att.num_attention_heads = len(keep)
-                else:
-                    l.attention = _NoHeads(o_proj, d)
-                track(self.kept_index, "heads", i, keep)
-            if "neurons" in masks:
-                keep_t = kept(masks["neurons"][i])
-                l.mlp.fc1, l.mlp.fc2 = slice_mlp(l.mlp.fc1, l.mlp.fc2, keep_t)
-                track(self.kept_index, "neurons", i, keep_t.tolist())
+        prune_blocks(self.layers, masks, self.kept_index, slice_hf_heads, slice_mlp_neurons)
 
     def plan(self) -> dict:
         return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),

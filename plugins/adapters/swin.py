@@ -25,6 +25,7 @@ from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
 from .common import HookedAdapter, first_k_masks, image_collate, trace_blocks
+from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads, timm_head_dim
 from .timm_io import load_timm, timm_from_config
 
 
@@ -69,7 +70,7 @@ class SwinAdapter(HookedAdapter):
         self.where = [(s, b) for s, b, _ in where]
         self.blocks = [blk for _, _, blk in where]
         self.stage_len = [len(stage.blocks) for stage in model.layers]
-        self.head_dims = [sb.timm_head_dim(blk) for blk in self.blocks]
+        self.head_dims = [timm_head_dim(blk) for blk in self.blocks]
         self.kept_index = {k: [list(range(n)) for n in ns] for k, ns in self.unit_counts().items()}
 
     # --- discovery -------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ class SwinAdapter(HookedAdapter):
     # --- physical removal and persistence --------------------------------------------------------
     @torch.no_grad()
     def prune(self, masks: UnitTensors) -> None:
-        sb.prune_blocks(self.blocks, masks, self.kept_index, sb.slice_timm_heads, sb.slice_timm_neurons)
+        prune_blocks(self.blocks, masks, self.kept_index, slice_timm_heads, slice_mlp_neurons)
 
     def plan(self) -> dict:
         cfg = self.processor if isinstance(self.processor, dict) else {}

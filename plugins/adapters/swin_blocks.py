@@ -4,7 +4,8 @@ Shared by the Swin classifiers (``swin``, ``hf-swin``) and by adapters whose bac
 (HF ``SwinBackbone`` in Mask2Former). Three things:
 
 - ``window_block_macs``: analytic MACs of one attention head and one MLP neuron of a window-attention block.
-- slicing: remove heads / MLP neurons of one block in place (HF and timm layouts), zero heads included.
+- where a block's units are masked, and the weights each unit owns (HF and timm layouts); removal is in
+  ``heads``.
 - ``hf_swin_blocks``: the blocks of an HF Swin encoder with the resolution and window they run at.
 
 Head layout: HF ``attention.q_proj/k_proj/v_proj`` (rows), ``attention.o_proj`` (columns) and the relative
@@ -17,14 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from optin.surgery import head_rows, slice_linear
-
-from .common import kept, slice_mlp, track
+from .heads import timm_head_dim
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -49,50 +47,12 @@ def window_block_macs(height: int, width: int, dim: int, head_dim: int,
 
 # --- HF SwinLayer -------------------------------------------------------------------------------------
 
-class HFNoHeads(nn.Module):
-    """An HF Swin attention whose heads were all removed: outputs ``o_proj``'s bias (what masking gives)."""
-
-    def __init__(self, o_proj: nn.Linear, head_dim: int) -> None:
-        super().__init__()
-        self.o_proj, self.num_attention_heads, self.head_dim = o_proj, 0, head_dim
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        return self.o_proj(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
-
-
 def hf_head_count(layer: nn.Module) -> int:
     return int(layer.attention.num_attention_heads)
 
 
 def hf_head_dim(layer: nn.Module) -> int:
     return int(layer.attention.head_dim)
-
-
-@torch.no_grad()
-def slice_hf_heads(layer: nn.Module, keep: list[int]) -> None:
-    """Keep only heads ``keep`` (indices into the current heads) of an HF ``SwinLayer``, in place.
-    With no head left the attention becomes ``HFNoHeads`` (its output is ``o_proj``'s bias)."""
-    att = layer.attention
-    d = int(att.head_dim)
-    rows = head_rows(keep, d)
-    o_proj = slice_linear(att.o_proj, in_idx=rows)
-    if not keep:
-        layer.attention = HFNoHeads(o_proj, d)
-        return
-    for p in ("q_proj", "k_proj", "v_proj"):
-        setattr(att, p, slice_linear(getattr(att, p), out_idx=rows))
-    att.o_proj = o_proj
-    bias = att.relative_position_bias
-    table = bias.relative_position_bias_table
-    bias.relative_position_bias_table = nn.Parameter(table[:, keep].clone(), requires_grad=table.requires_grad)
-    att.num_attention_heads = len(keep)
-
-
-@torch.no_grad()
-def slice_hf_neurons(layer: nn.Module, keep: list[int] | torch.Tensor) -> None:
-    """Keep only MLP hidden neurons ``keep`` of an HF ``SwinLayer`` (``mlp.fc1`` rows, ``mlp.fc2`` columns)."""
-    keep = torch.as_tensor(keep, dtype=torch.long)
-    layer.mlp.fc1, layer.mlp.fc2 = slice_mlp(layer.mlp.fc1, layer.mlp.fc2, keep)
 
 
 def hf_mask_target(layer: nn.Module, kind: str) -> tuple[nn.Module, int]:
@@ -116,48 +76,6 @@ def hf_head_weights(layer: nn.Module) -> torch.Tensor:
 
 
 # --- timm SwinTransformerBlock ------------------------------------------------------------------------
-
-class TimmNoHeads(nn.Module):
-    """A timm window attention whose heads were all removed: outputs ``proj``'s bias."""
-
-    def __init__(self, proj: nn.Linear, head_dim: int) -> None:
-        super().__init__()
-        self.proj, self.num_heads, self.head_dim = proj, 0, head_dim
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.proj(x.new_zeros(*x.shape[:-1], 0))
-
-
-def timm_head_dim(block: nn.Module) -> int:
-    attn = block.attn
-    if isinstance(attn, TimmNoHeads):
-        return attn.head_dim
-    return attn.qkv.out_features // (3 * attn.num_heads)
-
-
-@torch.no_grad()
-def slice_timm_heads(block: nn.Module, keep: list[int]) -> None:
-    """Keep only heads ``keep`` of a timm ``SwinTransformerBlock``, in place (``TimmNoHeads`` when none)."""
-    attn = block.attn
-    d, n = timm_head_dim(block), int(attn.num_heads)
-    rows = head_rows(keep, d)
-    proj = slice_linear(attn.proj, in_idx=rows)
-    if not keep:
-        block.attn = TimmNoHeads(proj, d)
-        return
-    attn.qkv = slice_linear(attn.qkv, out_idx=torch.cat([rows + j * n * d for j in range(3)]))
-    attn.proj = proj
-    table = attn.relative_position_bias_table
-    attn.relative_position_bias_table = nn.Parameter(table[:, keep].clone(), requires_grad=table.requires_grad)
-    attn.num_heads = len(keep)
-
-
-@torch.no_grad()
-def slice_timm_neurons(block: nn.Module, keep: list[int] | torch.Tensor) -> None:
-    """Keep only MLP hidden neurons ``keep`` of a timm ``SwinTransformerBlock``."""
-    keep = torch.as_tensor(keep, dtype=torch.long)
-    block.mlp.fc1, block.mlp.fc2 = slice_mlp(block.mlp.fc1, block.mlp.fc2, keep)
-
 
 def timm_mask_target(block: nn.Module, kind: str) -> tuple[nn.Module, int]:
     """(module whose input a ``kind`` mask scales, unit size) for a timm ``SwinTransformerBlock``."""
@@ -233,15 +151,3 @@ def hf_merging_macs(encoder: nn.Module, grid: tuple[int, int]) -> float:
             red = stage.downsample.reduction
             total += h * w * red.in_features * red.out_features
     return total
-
-
-def prune_blocks(blocks: list[nn.Module], masks: dict[str, list[torch.Tensor]], kept_index: dict[str, list[list[int]]],
-                 slice_heads: Any, slice_neurons: Any) -> None:
-    """Physically remove the masked heads/neurons of every block with the library's slicing functions
-    (``slice_hf_*`` or ``slice_timm_*``) and record the original indices kept (for the export plan)."""
-    for i, block in enumerate(blocks):
-        for kind, slice_fn in (("heads", slice_heads), ("neurons", slice_neurons)):
-            if kind in masks:
-                keep = kept(masks[kind][i]).tolist()
-                slice_fn(block, keep)
-                track(kept_index, kind, i, keep)

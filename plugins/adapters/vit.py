@@ -20,10 +20,10 @@ from torch import nn
 
 from optin.contracts import Batch, Reducer, TokenAdapter, TokenScorer, Trace, UnitSite
 from optin.errors import OptinError
-from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
-from .common import HookedAdapter, first_k_masks, image_collate, kept, slice_mlp, trace_blocks, track
+from .common import HookedAdapter, first_k_masks, image_collate, trace_blocks
+from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads
 from .timm_io import load_timm, timm_from_config
 
 
@@ -37,20 +37,6 @@ def _is_vit(model: nn.Module) -> bool:
     return all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "head_dim")) and \
         hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and hasattr(model, "forward_head") and \
         isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)
-
-
-class _NoHeads(nn.Module):
-    """An attention whose heads were all removed: outputs the projection bias (what masking gives)."""
-
-    def __init__(self, proj: nn.Linear, head_dim: int) -> None:
-        super().__init__()
-        self.proj = proj  # Linear(0, D): its output is its bias
-        self.num_heads = 0
-        self.head_dim = head_dim
-        self.attn_dim = 0
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.proj(x.new_zeros(*x.shape[:-1], 0))
 
 
 def attention_forward(attn: nn.Module, x: torch.Tensor, sizes: torch.Tensor | None, need_probs: bool,
@@ -306,32 +292,10 @@ class VitAdapter(HookedAdapter, TokenAdapter):
         if any(isinstance(b, _ReducingBlock) for b in self.model.blocks):
             raise OptinError(f"{what} needs the model without token reduction installed")
 
-    @torch.no_grad()
     def prune(self, masks: UnitTensors) -> None:
-        d = self.head_dim
-        for i, b in enumerate(self.blocks):
-            if "heads" in masks:
-                keep = kept(masks["heads"][i]).tolist()
-                rows = head_rows(keep, d)
-                attn = b.attn
-                proj = slice_linear(attn.proj, in_idx=rows)
-                if keep:
-                    qkv_rows = torch.cat([rows + j * attn.num_heads * d for j in range(3)])
-                    attn.qkv = slice_linear(attn.qkv, out_idx=qkv_rows)
-                    if getattr(attn, "gate", None) is not None:
-                        attn.gate = slice_linear(attn.gate, out_idx=rows)
-                    attn.proj = proj
-                    attn.num_heads = len(keep)
-                    attn.attn_dim = len(keep) * d
-                else:
-                    b.attn = _NoHeads(proj, d)
-                track(self.kept_index, "heads", i, keep)
-            if "neurons" in masks:
-                if not isinstance(b.mlp.norm, nn.Identity):
-                    raise OptinError("MLPs with a hidden-layer norm (scale_mlp_norm) cannot be pruned")
-                keep_t = kept(masks["neurons"][i])
-                b.mlp.fc1, b.mlp.fc2 = slice_mlp(b.mlp.fc1, b.mlp.fc2, keep_t)
-                track(self.kept_index, "neurons", i, keep_t.tolist())
+        if "neurons" in masks and any(not isinstance(b.mlp.norm, nn.Identity) for b in self.blocks):
+            raise OptinError("MLPs with a hidden-layer norm (scale_mlp_norm) cannot be pruned")
+        prune_blocks(self.blocks, masks, self.kept_index, slice_timm_heads, slice_mlp_neurons)
 
     # --- tokens ----------------------------------------------------------------------------------
     def install_reducer(self, reducer: Reducer, removals: list[int], token_scorer: TokenScorer | None = None,
