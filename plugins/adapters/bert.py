@@ -21,7 +21,7 @@ from optin.safety import NO_REMOTE_CODE
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
-from .common import HookedAdapter, first_k_masks, hf_model_from_plan, slice_mlp
+from .common import HookedAdapter, cut_to_plan, hf_model_from_plan, hf_plan, slice_mlp
 from .heads import prune_blocks
 
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
@@ -327,8 +327,7 @@ class BertAdapter(HookedAdapter):
         prune_blocks(self.layers, masks, self.kept_index, _slice_heads, _slice_neurons)
 
     def plan(self) -> dict:
-        return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),
-                "unit_counts": self.unit_counts(), "kept_index": self.kept_index}
+        return hf_plan(self)
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "BertAdapter":
@@ -338,9 +337,7 @@ class BertAdapter(HookedAdapter):
         if (Path(directory) / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(directory, **NO_REMOTE_CODE)
         adapter = cls(hf_model_from_plan(plan), tokenizer)
-        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
-        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
-        return adapter
+        return cut_to_plan(adapter, plan)
 
     def save_extras(self, directory: str) -> None:
         if self.processor is not None and hasattr(self.processor, "save_pretrained"):

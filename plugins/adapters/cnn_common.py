@@ -29,7 +29,7 @@ from optin.export import rebuild_device
 from optin.units import CostModel, UnitTensors
 from optin.hooking import removing
 
-from .common import HookedAdapter, first_k_masks, image_collate, kept, track
+from .common import HookedAdapter, cut_to_plan, image_collate, kept, track
 
 KIND = "channels"
 
@@ -362,10 +362,7 @@ class ConvChannelAdapter(HookedAdapter):
                 model = cls.from_spec(plan["spec"])
         except (KeyError, TypeError, ValueError) as exc:
             raise OptinError(f"cannot rebuild the {cls.name} model from its plan: {type(exc).__name__}: {exc}") from exc
-        adapter = cls(model.eval(), image_size=plan.get("image_size"))
-        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
-        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
-        return adapter
+        return cut_to_plan(cls(model.eval(), image_size=plan.get("image_size")), plan)
 
 
 # --- model folders (config.json + model.safetensors) --------------------------------------------------

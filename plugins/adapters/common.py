@@ -131,6 +131,21 @@ def first_k_masks(current: dict[str, list[int]], target: dict[str, list[int]]) -
     return {k: [(torch.arange(full) < keep).float() for full, keep in zip(current[k], target[k])] for k in target}
 
 
+def cut_to_plan(adapter: Adapter, plan: dict, counts: dict[str, list[int]] | None = None) -> Adapter:
+    """A freshly rebuilt, unpruned ``adapter`` cut to the plan's unit counts (or ``counts``) by keeping the
+    first units of each layer (the weights loaded afterwards fill them), with the plan's original unit
+    indices for a later export. Returns the adapter."""
+    adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"] if counts is None else counts))
+    adapter.kept_index = plan.get("kept_index", adapter.kept_index)
+    return adapter
+
+
+def hf_plan(adapter: Adapter) -> dict:
+    """The plan of a pruned transformers model: its class, original config, unit counts and kept indices."""
+    return {"model_class": type(adapter.model).__name__, "config": adapter.model.config.to_dict(),
+            "unit_counts": adapter.unit_counts(), "kept_index": adapter.kept_index}
+
+
 # Config keys that count layers: a plan may not declare more of them than its weights file has tensors.
 LAYER_KEYS = ("num_hidden_layers", "num_layers", "encoder_layers", "decoder_layers", "depths", "depth")
 

@@ -22,7 +22,7 @@ from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
-from .common import HFImageClassifier, HookedAdapter, first_k_masks, hf_model_from_plan, trace_blocks
+from .common import HFImageClassifier, HookedAdapter, cut_to_plan, hf_model_from_plan, hf_plan, trace_blocks
 from .heads import prune_blocks, slice_hf_heads, slice_mlp_neurons
 
 
@@ -153,12 +153,8 @@ class HFSwinAdapter(HFImageClassifier, HookedAdapter):
         prune_blocks(self.blocks, masks, self.kept_index, slice_hf_heads, slice_mlp_neurons)
 
     def plan(self) -> dict:
-        return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),
-                "unit_counts": self.unit_counts(), "kept_index": self.kept_index}
+        return hf_plan(self)
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "HFSwinAdapter":
-        adapter = cls(hf_model_from_plan(plan))
-        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
-        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
-        return adapter
+        return cut_to_plan(cls(hf_model_from_plan(plan)), plan)

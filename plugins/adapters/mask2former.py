@@ -40,7 +40,7 @@ from optin.units import CostModel, UnitTensors
 from optin.hooking import removing
 from optin.safety import NO_REMOTE_CODE
 
-from .common import HookedAdapter, first_k_masks, hf_model_from_plan, kept, slice_mlp, track
+from .common import HookedAdapter, cut_to_plan, hf_model_from_plan, hf_plan, kept, slice_mlp, track
 from .swin_blocks import SwinBlockInfo, hf_block_macs, hf_merging_macs, hf_swin_blocks, neuron_weights
 
 EPS = 1e-8  # floor of the per-pixel class probabilities before the log
@@ -393,17 +393,13 @@ class Mask2FormerAdapter(HookedAdapter):
                 track(self.kept_index, "decoder_neurons", self.n_b + k, keep.tolist())
 
     def plan(self) -> dict:
-        return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict(),
-                "unit_counts": self.unit_counts(), "kept_index": self.kept_index,
-                "image_size": list(self.image_size), "decoder_neurons": self.decoder_neurons}
+        return {**hf_plan(self), "image_size": list(self.image_size), "decoder_neurons": self.decoder_neurons}
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "Mask2FormerAdapter":
         adapter = cls(hf_model_from_plan(plan), image_size=plan.get("image_size"),
                       decoder_neurons=bool(plan.get("decoder_neurons", False)))
-        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
-        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
-        return adapter
+        return cut_to_plan(adapter, plan)
 
     def save_extras(self, directory: str) -> None:
         if hasattr(self.processor, "save_pretrained"):

@@ -33,7 +33,7 @@ from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 from optin.hooking import removing
 
-from .common import HookedAdapter, first_k_masks, image_collate, kept, slice_mlp, track
+from .common import HookedAdapter, cut_to_plan, image_collate, kept, slice_mlp, track
 
 DEFAULT_CONFIG = "mask2former_swin-t_8xb2-90k_cityscapes-512x1024"
 INSTALL_HINT = ("needs mmcv with its compiled ops + mmsegmentation 1.x: pip install --no-deps <mmcv 2.1.0 wheel "
@@ -456,9 +456,7 @@ class MMSegMask2FormerAdapter(HookedAdapter):
         adapter = cls.from_config(plan["config"])
         adapter.processor = plan.get("processor")
         adapter.input_size = tuple(plan.get("input_size") or adapter.input_size)
-        adapter.prune(first_k_masks(adapter.unit_counts(), {"neurons": plan["unit_counts"]["neurons"]}))
-        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
-        return adapter
+        return cut_to_plan(adapter, plan, {"neurons": plan["unit_counts"]["neurons"]})
 
 
 def _set_classes(model_cfg: Any, n: int) -> None:

@@ -24,7 +24,7 @@ from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
-from .common import HookedAdapter, first_k_masks, image_collate, trace_blocks
+from .common import HookedAdapter, cut_to_plan, image_collate, trace_blocks
 from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads, timm_head_dim
 from .timm_io import load_timm, timm_from_config
 
@@ -189,10 +189,7 @@ class SwinAdapter(HookedAdapter):
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "SwinAdapter":
         cfg = plan.get("timm_config") or {}
-        adapter = cls(timm_from_config(cfg, "SwinTransformer"), cfg)
-        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
-        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
-        return adapter
+        return cut_to_plan(cls(timm_from_config(cfg, "SwinTransformer"), cfg), plan)
 
     def save_extras(self, directory: str) -> None:
         if isinstance(self.processor, dict) and "model_args" in self.processor:

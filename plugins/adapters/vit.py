@@ -22,7 +22,7 @@ from optin.contracts import Batch, Reducer, TokenAdapter, TokenScorer, Trace, Un
 from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
-from .common import HookedAdapter, first_k_masks, image_collate, trace_blocks
+from .common import HookedAdapter, cut_to_plan, image_collate, trace_blocks
 from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads
 from .timm_io import load_timm, timm_from_config
 
@@ -330,9 +330,7 @@ class VitAdapter(HookedAdapter, TokenAdapter):
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "VitAdapter":
         cfg = plan.get("timm_config") or {}
-        adapter = cls(timm_from_config(cfg, "VisionTransformer"), cfg)
-        adapter.prune(first_k_masks(adapter.unit_counts(), plan["unit_counts"]))
-        adapter.kept_index = plan.get("kept_index", adapter.kept_index)
+        adapter = cut_to_plan(cls(timm_from_config(cfg, "VisionTransformer"), cfg), plan)
         spec = plan.get("reducer")
         if spec:  # the token schedule is part of the architecture: reinstall it
             from optin import registry
