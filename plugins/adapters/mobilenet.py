@@ -10,7 +10,6 @@ output channel together with its BatchNorms, the depthwise filter and the projec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -60,10 +59,6 @@ class MobileNetV2Adapter(ConvChannelAdapter):
 
     name = "mobilenetv2"
     sources = "optin CNN folders, config.json architecture mobilenet_v2"
-
-    def __init__(self, model: nn.Module, processor: Any = None, image_size: int | tuple[int, int] | None = None
-                 ) -> None:
-        super().__init__(model, processor, image_size)
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:

@@ -10,7 +10,6 @@ the unpruned ``features``/``avgpool``/``classifier`` (so any VGG-like torchvisio
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -144,10 +143,6 @@ class VggAdapter(ConvChannelAdapter):
 
     name = "vgg"
     sources = "optin CNN folders, config.json architecture vgg or cifar_vgg16_bn"
-
-    def __init__(self, model: nn.Module, processor: Any = None, image_size: int | tuple[int, int] | None = None
-                 ) -> None:
-        super().__init__(model, processor, image_size)
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:

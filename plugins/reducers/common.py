@@ -1,7 +1,20 @@
 """Shared helpers of the token reducers: clipping ``r`` and keeping a per-example subset of tokens."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from optin.errors import OptinError
+
+
+def int_option(value: Any, what: str) -> int:
+    """``value`` as an int, or an OptinError ``"{what} must be an integer, got ..."`` (plugin options may
+    come from YAML or Python as anything)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise OptinError(f"{what} must be an integer, got {value!r}") from None
 
 
 def clip_removals(n_tokens: int, r: int, protected: int) -> int:

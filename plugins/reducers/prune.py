@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from optin.contracts import Reducer
 from optin.errors import OptinError
 
-from .common import clip_removals, gather_tokens, keep_highest
+from .common import clip_removals, gather_tokens, int_option, keep_highest
 
 
 def similarity_prune_index(importance: torch.Tensor, metric: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,11 +49,7 @@ class PruneReducer(Reducer):
     needs_importance = True
 
     def __init__(self, similarity_tokens: int = 0) -> None:
-        try:
-            self.similarity_tokens = int(similarity_tokens)
-        except (TypeError, ValueError):
-            raise OptinError("prune reducer: similarity_tokens must be an integer, "
-                             f"got {similarity_tokens!r}") from None
+        self.similarity_tokens = int_option(similarity_tokens, "prune reducer: similarity_tokens")
         if self.similarity_tokens < 0:
             raise OptinError(f"prune reducer: similarity_tokens must be >= 0, got {self.similarity_tokens}")
 

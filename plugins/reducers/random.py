@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 
 from optin.contracts import Reducer
-from optin.errors import OptinError
 
-from .common import clip_removals, keep_highest
+from .common import clip_removals, int_option, keep_highest
 
 
 class RandomReducer(Reducer):
@@ -16,10 +15,7 @@ class RandomReducer(Reducer):
     needs_importance = False
 
     def __init__(self, seed: int = 0) -> None:
-        try:
-            self.seed = int(seed)
-        except (TypeError, ValueError):
-            raise OptinError(f"random reducer: seed must be an integer, got {seed!r}") from None
+        self.seed = int_option(seed, "random reducer: seed")
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def reduce(self, x: torch.Tensor, sizes: torch.Tensor, r: int, *, metric: torch.Tensor | None = None,
