@@ -77,6 +77,8 @@ def common_options(fn):
         click.option("--calib-size", default=128, show_default=True, type=click.IntRange(min=1),
                      help="Calibration examples (one batch) for scoring."),
         click.option("--output", default="optin-output", show_default=True, type=click.Path(file_okay=False)),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace the outputs of a previous run in --output (refused without it)."),
         click.option("--set", "plugin_opts", multiple=True, metavar="KEY=VALUE",
                      help="Plugin option, e.g. --set neuron_group=8 (repeatable)."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
@@ -169,6 +171,8 @@ def prune_options(fn):
                      help="Fraction of MACs to keep, in (0, 1]."),
         click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1)),
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--allow-degenerate", is_flag=True,
+                     help="Accept a pruned model that loses every unit of a layer or of a kind (refused without it)."),
         click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,
                      help="After removal, re-estimate normalisation statistics on the calibration data where "
                           "the adapter can (CNNs: BatchNorm running stats; no gradients)."),

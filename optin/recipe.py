@@ -23,6 +23,7 @@ from .errors import BudgetError, OptinError
 from .export import save_pruned
 from .hooks import notify
 from .measure import evaluate, params, throughput
+from .outputs import MODEL, PARTIAL, REPORT, SCORES, OutputFolder
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
 from .rankings import Checkpoint, Scores, check_unit_tensors, fingerprint
@@ -273,6 +274,8 @@ class RunConfig:
     options: dict = field(default_factory=dict)
     score_only: bool = False
     recalibrate: bool = True
+    overwrite: bool = False  # replace the outputs of a previous run in ``output``
+    allow_degenerate: bool = False  # accept a search result that empties a layer or a kind, or removes every unit
 
     def checked(self) -> "RunConfig":
         """A copy with the budget and sizes validated (the only place a run checks them)."""
@@ -354,10 +357,10 @@ def score_stage(ad: Adapter, calib: list[Batch], cfg: RunConfig, plugins: Plugin
     if plugins.token_scorer is not None:
         return None, 0.0
     t0 = time.perf_counter()
-    scores = score(ad, calib, cfg.scorer, cfg.options, cfg.seed, out / "scores.partial.safetensors",
+    scores = score(ad, calib, cfg.scorer, cfg.options, cfg.seed, Path(cfg.output) / PARTIAL,  # survives a crash
                    plugins.token_scores)
     seconds = time.perf_counter() - t0
-    scores.save(out / "scores.safetensors")
+    scores.save(out / SCORES)
     return scores, seconds
 
 
@@ -405,9 +408,27 @@ def evaluate_stage(original: Adapter, ad: Adapter, evals: list[Batch], task: Tas
             "throughput_batch": ad.batch_size(bench)}
 
 
+def provenance(cfg: RunConfig, scores: Scores | None) -> dict:
+    """What a run's scores were made with, for its report and plan: the scorer's options and calibration size
+    and seed (read from the scores file when pruning from one), and the options given to this run."""
+    if scores is None:
+        return {"scorer_options": {}, "scores_file": None}
+    out = {"scorer_options": scores.options, "scores_seed": scores.seed,
+           "scores_file": str(cfg.scores_file) if cfg.scores_file is not None else None}
+    if cfg.scores_file is not None:  # `optin prune`: the options and calibration size are the scores file's
+        out["options"] = {**scores.options, **cfg.options}
+        out["calibration_examples"] = scores.calibration_examples
+    return out
+
+
+# What the plan (``optin-plan.json`` "info") records about the run that made the pruned model.
+PLAN_RECORD = ("model", "task", "scorer", "searcher", "reducer", "budget", "seed", "options", "scorer_options",
+               "calibration_examples", "scores_file", "scores_seed")
+
+
 def export_stage(ad: Adapter, report: dict, out: Path) -> None:
     """Write the pruned model and ``report.json``."""
-    save_pruned(ad, out / "model", {k: report[k] for k in ("model", "task", "scorer", "searcher", "budget")})
+    save_pruned(ad, out / "model", {k: report.get(k) for k in PLAN_RECORD})
     (out / "report.json").write_text(json.dumps(report, indent=2))
 
 
@@ -418,17 +439,30 @@ def run(model: str | None = None, **fields: Any) -> dict:
 
 
 def run_config(config: RunConfig) -> dict:
-    """``run`` for a ``RunConfig``: the stages in order."""
+    """``run`` for a ``RunConfig``: the stages in order. The outputs are written into a staging folder and
+    moved into ``output`` only when the run succeeds; a folder holding a previous run's outputs is refused
+    unless ``overwrite``, and one in use by another run always (``optin.outputs.OutputFolder``)."""
     t_start = time.perf_counter()
     cfg = config.checked()
     plugins = choose_plugins(cfg)
+    with OutputFolder(cfg.output, outputs_of(cfg), cfg.overwrite) as staging:
+        return run_stages(cfg, plugins, staging, t_start)
+
+
+def outputs_of(cfg: RunConfig) -> tuple[str, ...]:
+    """The outputs a run writes: scores unless it reads them from a file; the model and report unless it only
+    scores."""
+    scores = () if cfg.scores_file is not None else (SCORES,)
+    return scores if cfg.score_only else (*scores, MODEL, REPORT)
+
+
+def run_stages(cfg: RunConfig, plugins: Plugins, out: Path, t_start: float) -> dict:
+    """The stages of ``run_config`` after the plugins are chosen, writing into ``out`` (the staging folder)."""
     ad, the_task = load_stage(cfg)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     calib = calibration_stage(ad, the_task, cfg)
     scores, seconds_scoring = score_stage(ad, calib, cfg, plugins, out)
     if cfg.score_only:
-        return {"scores": str(out / "scores.safetensors"), "seconds_scoring": seconds_scoring}
+        return {"scores": str(Path(cfg.output) / SCORES), "seconds_scoring": seconds_scoring}
     evals = batches_of(ad, sample(the_task.examples("test"), cfg.eval_size, cfg.seed), cfg.batch_size)
     seq_len = ad.seq_len(evals)
     masks, costs = search_stage(ad, scores, cfg, plugins, seq_len)
@@ -449,6 +483,7 @@ def run_config(config: RunConfig) -> dict:
         "seconds_scoring": seconds_scoring, "seconds_total": time.perf_counter() - t_start, **applied,
         "kept": kept_counts(masks), "total": counts_of(masks), "token_removals": removals,
         "options": cfg.options, "optin_version": __version__, "date": _dt.date.today().isoformat(),
+        **provenance(cfg, scores),  # for --scores: what the scores were made with (overrides the keys above)
     }
     export_stage(ad, report, out)
     notify("done", report=report)

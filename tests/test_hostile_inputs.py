@@ -350,3 +350,88 @@ def test_timm_folder_whose_weights_do_not_match_its_config(tmp_path, ws):
     (folder / "config.json").write_text(json.dumps(cfg))
     one_error(invoke("run", "--model", folder, "--task", "fashion-mnist", "--output", tmp_path / "out", *SMALL),
               "does not match the model", "tensors of other shapes", "another config")
+
+
+# --- output folders (list 3) -------------------------------------------------------------------------
+
+def _run(ws, out: Path, *extra: str):
+    return invoke("run", "--model", ws["model"], "--data", ws["data"], "--scorer", "magnitude", "--output", out,
+                  *extra, *SMALL)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_previous_run_is_never_replaced_without_overwrite(ws, tmp_path):
+    out = tmp_path / "out"
+    assert _run(ws, out, "--budget", "0.7").exit_code == 0
+    before = _snapshot(out)
+    one_error(_run(ws, out, "--budget", "0.5"), "already holds the outputs of a previous run", "--overwrite")
+    one_error(invoke("score", "--model", ws["model"], "--data", ws["data"], "--output", out, "--quiet"),
+              "scores.safetensors", "--overwrite")
+    assert _snapshot(out) == before
+    res = _run(ws, out, "--budget", "0.5", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "report.json").read_text())["budget"] == 0.5
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_an_interrupted_overwrite_leaves_the_previous_run_intact(ws, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert _run(ws, out, "--budget", "0.7").exit_code == 0
+    before = _snapshot(out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optin.recipe, "evaluate_stage", interrupted)  # after scoring and pruning
+    res = _run(ws, out, "--budget", "0.5", "--overwrite")
+    assert res.exit_code != 0
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(ws, tmp_path):
+    from filelock import FileLock
+
+    from optin.outputs import lock_path
+
+    out = tmp_path / "out"
+    with FileLock(str(lock_path(out)), timeout=0):  # another process's run holds the folder
+        one_error(_run(ws, out), "in use by another optin run")
+    assert not out.exists()
+    assert _run(ws, out).exit_code == 0  # released: the folder is free again
+
+
+def test_output_under_a_file_or_in_a_read_only_place(ws, tmp_path):
+    import os
+
+    (tmp_path / "file").write_text("x")
+    one_error(_run(ws, tmp_path / "file" / "out"), "a part of its path is a file", "another --output")
+    one_error(_run(ws, tmp_path / "file"), "is a file")
+    if os.geteuid() == 0:  # root writes anywhere chmod allows: use a file system nobody can write
+        read_only = Path("/proc/optin-test/out")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        read_only = locked / "out"
+    one_error(_run(ws, read_only), "--output")
+
+
+def test_plan_and_report_record_how_the_scores_were_made(ws, tmp_path):
+    scored = tmp_path / "scored"
+    res = invoke("score", "--model", ws["model"], "--data", ws["data"], "--scorer", "random", "--seed", "3",
+                 "--calib-size", "12", "--output", scored, "--quiet")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "pruned"
+    res = invoke("prune", "--model", ws["model"], "--data", ws["data"], "--scores", scored / "scores.safetensors",
+                 "--budget", "0.6", "--output", out, *SMALL)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration_examples"] == 12 and report["scores_seed"] == 3
+    assert report["scorer"] == "random" and report["options"] == report["scorer_options"]
+    info = json.loads((out / "model" / "optin-plan.json").read_text())["info"]
+    for key in ("seed", "scorer", "options", "scorer_options", "calibration_examples", "scores_seed", "budget"):
+        assert info[key] == report[key], key
