@@ -7,7 +7,6 @@ both with forward pre-hooks; physical removal slices the Linear layers.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ from optin.safety import NO_REMOTE_CODE
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
-from .common import HookedAdapter, cut_to_plan, hf_model_from_plan, hf_plan, slice_mlp
+from .common import HookedAdapter, config_json, cut_to_plan, hf_model_from_plan, hf_plan, slice_mlp
 from .heads import prune_blocks
 
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
@@ -87,16 +86,6 @@ def _encoder_of(model: nn.Module) -> nn.Module | None:
     return enc if ok else None
 
 
-def _local_config(source: str) -> dict | None:
-    cfg = Path(source) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return json.loads(cfg.read_text())
-    except ValueError:
-        return None
-
-
 class BertAdapter(HookedAdapter):
     """HF BERT-family encoders: attention heads and FFN neurons."""
 
@@ -125,7 +114,7 @@ class BertAdapter(HookedAdapter):
 
     @classmethod
     def claims(cls, source: str) -> bool:
-        cfg = _local_config(source)
+        cfg = config_json(source)
         if cfg is None and Path(source).exists():
             return False
         if cfg is None:  # a hub id: ask the hub (fails fast offline)

@@ -29,7 +29,7 @@ from optin.export import rebuild_device
 from optin.units import CostModel, UnitTensors
 from optin.hooking import removing
 
-from .common import HookedAdapter, cut_to_plan, image_collate, kept, track
+from .common import HookedAdapter, config_json, cut_to_plan, image_collate, kept, track
 
 KIND = "channels"
 
@@ -371,12 +371,8 @@ CONFIG_TYPE = "optin-cnn"  # config.json "model_type" of the CNN folders this pr
 
 def folder_config(source: str) -> dict:
     """``source/config.json`` when it is a CNN folder written by this project, else {}."""
-    cfg = Path(source) / "config.json"
-    try:
-        data = json.loads(cfg.read_text()) if cfg.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) and data.get("model_type") == CONFIG_TYPE else {}
+    data = config_json(source) or {}
+    return data if data.get("model_type") == CONFIG_TYPE else {}
 
 
 def save_cnn_folder(model: nn.Module, path: str | Path, config: dict) -> Path:

@@ -2,7 +2,9 @@
 models from a plan."""
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -97,6 +99,17 @@ def trace_blocks(blocks: list[nn.Module], forward: Callable[[], torch.Tensor], m
     n = len(blocks)
     return Trace(embeddings=[emb[i] for i in range(n)], logits=logits, valid=None,
                  state={"starts": [starts[i] for i in range(n)], "mids": [mids[i] for i in range(n)]})
+
+
+def config_json(source: str) -> dict | None:
+    """``source/config.json`` as a dict; None when there is no such file or it holds no JSON object (the
+    cheap look ``claims`` takes: no weights are read)."""
+    cfg = Path(source) / "config.json"
+    try:
+        data = json.loads(cfg.read_text()) if cfg.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def image_collate(examples: list[dict]) -> Batch:

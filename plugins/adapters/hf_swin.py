@@ -9,9 +9,7 @@ embedding is its ``mlp.fc2`` output (B, H*W, D). MACs count window attention on 
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,7 +20,8 @@ from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
-from .common import HFImageClassifier, HookedAdapter, cut_to_plan, hf_model_from_plan, hf_plan, trace_blocks
+from .common import (HFImageClassifier, HookedAdapter, config_json, cut_to_plan, hf_model_from_plan, hf_plan,
+                     trace_blocks)
 from .heads import prune_blocks, slice_hf_heads, slice_mlp_neurons
 
 
@@ -75,11 +74,7 @@ class HFSwinAdapter(HFImageClassifier, HookedAdapter):
 
     @classmethod
     def claims(cls, source: str) -> bool:
-        cfg = Path(source) / "config.json"
-        try:
-            data = json.loads(cfg.read_text()) if cfg.is_file() else {}
-        except ValueError:
-            return False
+        data = config_json(source) or {}
         archs = data.get("architectures") or ["SwinForImageClassification"]
         return data.get("model_type") == "swin" and "SwinForImageClassification" in archs
 

@@ -7,8 +7,6 @@ by the timm adapter (``vit``); this one prunes heads and neurons.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -20,7 +18,7 @@ from optin.hooking import removing
 from optin.units import CostModel, UnitTensors
 
 from .bert import _Replay
-from .common import HFImageClassifier, HookedAdapter, cut_to_plan, hf_model_from_plan, hf_plan
+from .common import HFImageClassifier, HookedAdapter, config_json, cut_to_plan, hf_model_from_plan, hf_plan
 from .heads import prune_blocks, slice_hf_heads, slice_mlp_neurons
 
 HF_VISION = {"vit", "deit"}
@@ -64,11 +62,7 @@ class HFVitAdapter(HFImageClassifier, HookedAdapter):
 
     @classmethod
     def claims(cls, source: str) -> bool:
-        cfg = Path(source) / "config.json"
-        try:
-            return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in HF_VISION
-        except ValueError:
-            return False
+        return (config_json(source) or {}).get("model_type") in HF_VISION
 
     def seq_len(self, batches: list[Batch]) -> float:
         return float(self.n_tokens)

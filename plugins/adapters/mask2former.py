@@ -40,7 +40,7 @@ from optin.units import CostModel, UnitTensors
 from optin.hooking import removing
 from optin.safety import NO_REMOTE_CODE
 
-from .common import HookedAdapter, cut_to_plan, hf_model_from_plan, hf_plan, kept, slice_mlp, track
+from .common import HookedAdapter, config_json, cut_to_plan, hf_model_from_plan, hf_plan, kept, slice_mlp, track
 from .swin_blocks import SwinBlockInfo, hf_block_macs, hf_merging_macs, hf_swin_blocks, neuron_weights
 
 EPS = 1e-8  # floor of the per-pixel class probabilities before the log
@@ -136,11 +136,7 @@ class Mask2FormerAdapter(HookedAdapter):
 
     @classmethod
     def claims(cls, source: str) -> bool:
-        cfg = Path(source) / "config.json"
-        try:
-            data = json.loads(cfg.read_text()) if cfg.is_file() else {}
-        except (OSError, ValueError):
-            return False
+        data = config_json(source) or {}
         backbone = (data.get("backbone_config") or {}).get("model_type", "swin")
         return data.get("model_type") == "mask2former" and backbone == "swin"
 

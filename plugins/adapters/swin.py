@@ -24,7 +24,7 @@ from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
-from .common import HookedAdapter, cut_to_plan, image_collate, trace_blocks
+from .common import HookedAdapter, config_json, cut_to_plan, image_collate, trace_blocks
 from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads, timm_head_dim
 from .timm_io import load_timm, timm_from_config
 
@@ -82,11 +82,7 @@ class SwinAdapter(HookedAdapter):
     def claims(cls, source: str) -> bool:
         if source.startswith("timm:"):
             return source[5:].startswith("swin")
-        cfg = Path(source) / "config.json"
-        try:
-            return cfg.is_file() and json.loads(cfg.read_text()).get("timm_class") == "SwinTransformer"
-        except ValueError:
-            return False
+        return (config_json(source) or {}).get("timm_class") == "SwinTransformer"
 
     @classmethod
     def load(cls, source: str, num_labels: int | None = None) -> "SwinAdapter":

@@ -22,7 +22,7 @@ from optin.contracts import Batch, Reducer, TokenAdapter, TokenScorer, Trace, Un
 from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
-from .common import HookedAdapter, cut_to_plan, image_collate, trace_blocks
+from .common import HookedAdapter, config_json, cut_to_plan, image_collate, trace_blocks
 from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads
 from .timm_io import load_timm, timm_from_config
 
@@ -160,14 +160,8 @@ class VitAdapter(HookedAdapter, TokenAdapter):
     def claims(cls, source: str) -> bool:
         if source.startswith("timm:"):
             return True
-        cfg = Path(source) / "config.json"
-        if not cfg.is_file():
-            return False
-        try:
-            data = json.loads(cfg.read_text())
-        except ValueError:
-            return False
-        return "timm_class" in data or "architecture" in data and "model_type" not in data
+        data = config_json(source)
+        return data is not None and ("timm_class" in data or "architecture" in data and "model_type" not in data)
 
     @classmethod
     def load(cls, source: str, num_labels: int | None = None) -> "VitAdapter":
