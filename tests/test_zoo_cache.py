@@ -13,12 +13,12 @@ def test_built_once_with_its_record_and_never_half_written(optin_cache):
         calls.append(tmp)
         tmp.mkdir(parents=True)
         (tmp / "weights.bin").write_text("w")
-        return {"task": "t", "accuracy": 0.5}
+        return {"task": "t", "accuracy": 0.5, "seconds": 1.0}
 
-    first = build_once("tiny", build, "training nothing")
+    first = build_once("tiny", build, "training nothing", ("accuracy", "test accuracy"))
     assert build_once("tiny", build) == first and len(calls) == 1  # cached: not built again
     assert json.loads((optin_cache / "models" / "tiny" / "optin-train.json").read_text()) == \
-        {"model": "tiny", "task": "t", "accuracy": 0.5}
+        {"model": "tiny", "task": "t", "accuracy": 0.5, "seconds": 1.0}
     assert (optin_cache / "models" / "tiny" / "weights.bin").is_file() and not calls[0].exists()
 
     def interrupted(tmp):

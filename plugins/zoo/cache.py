@@ -15,10 +15,12 @@ from optin.progress import say
 DONE = "optin-train.json"
 
 
-def build_once(name: str, build: Callable[[Path], dict], what: str | None = None) -> str:
+def build_once(name: str, build: Callable[[Path], dict], what: str | None = None,
+               result: tuple[str, str] | None = None) -> str:
     """The cached folder of the named model ``name``, built on first use: ``build(tmp)`` writes the model into
     a private staging folder and returns what ``optin-train.json`` records besides the name (written last:
-    it marks the model as built); then the folder is moved into place. ``what`` is announced before."""
+    it marks the model as built); then the folder is moved into place. ``what`` is announced before, and
+    ``result = (key, label)`` after: the record's ``key`` (a test metric) and the training ``seconds``."""
     target = cache_dir() / "models" / name
     if is_built(target):
         return str(target)
@@ -26,6 +28,9 @@ def build_once(name: str, build: Callable[[Path], dict], what: str | None = None
         say(f"building {name}: {what} (first use only, several minutes; cached in {target})")
     tmp = staging(target)
     record = build(tmp)
+    if result:
+        key, label = result
+        say(f"{name}: {label} {record[key]:.4f} after {record['seconds']:.0f}s of training")
     (tmp / DONE).write_text(json.dumps({"model": name, **record}, indent=2))
     return publish(tmp, target)
 

@@ -11,23 +11,20 @@
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from optin.errors import OptinError
 from optin.hooks import hookimpl
 from optin.models import NamedModel
-from optin.progress import say
 from optin.tasks import Task, get_task
 
 from ..adapters.cnn_common import save_cnn_folder
 from ..adapters.vgg import cifar_vgg16_bn
 from .training import decay_groups, train_steps
-from .vit_fmnist import MEAN, STD, augment, evaluate_vit, task_tensors
+from .vit_fmnist import MEAN, STD, classification_loss, evaluate_vit, training_run
 from .cache import build_once
 
 VGG_NAME, VGG_TASK = "vgg-fmnist", "fashion-mnist"
@@ -48,22 +45,14 @@ def train_vgg(model: nn.Module, task: Task, epochs: float = 1.0, lr: float = 0.1
     learning rate (peak ``lr``), weight decay on conv/linear weights only, and (``augmentation``) random
     flips and padded crops. ``max_examples``/``max_steps`` cut the run short (tests, timing).
     Returns the training log; the model is left in eval mode."""
-    torch.manual_seed(seed)
-    x, y = task_tensors(task, "train", max_examples)
+    x, y, steps_per_epoch, total = training_run(task, batch_size, epochs, seed, max_examples, max_steps)
     n = len(y)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = max(1, round(steps_per_epoch * epochs))
-    if max_steps:
-        total = min(total, max_steps)
     opt = torch.optim.SGD(decay_groups(model, weight_decay, lambda name, p: p.dim() > 1), lr=lr, momentum=0.9,
                           nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
 
-    def loss_of(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        xb = augment(x[idx], gen) if augmentation else x[idx]
-        return F.cross_entropy(model(xb), y[idx])
-
-    log = train_steps(model, opt, sched, loss_of, n, total, batch_size, seed, f"training on {task.name}")
+    log = train_steps(model, opt, sched, classification_loss(model, x, y, augmentation), n, total, batch_size, seed,
+                      f"training on {task.name}")
     return {**log, "epochs": total / steps_per_epoch, "lr": lr, "weight_decay": weight_decay,
             "optimizer": "sgd-nesterov-onecycle", "augmentation": augmentation}
 
@@ -75,14 +64,12 @@ def build_vgg(name: str = VGG_NAME) -> str:
         torch.manual_seed(VGG_RECIPE["seed"])
         model = cifar_vgg16_bn(**VGG_ARGS)
         log = train_vgg(model, task, **VGG_RECIPE)
-        log["test_accuracy"] = evaluate_vit(model, task, "test")
-        say(f"{name}: test accuracy {log['test_accuracy']:.4f} after {log['seconds']:.0f}s of training")
         save_cnn_folder(model, tmp, {"architecture": "cifar_vgg16_bn", "args": VGG_ARGS, "task": VGG_TASK,
                                      "image_size": VGG_ARGS["image_size"], "mean": [MEAN], "std": [STD]})
-        return {"task": VGG_TASK, **log}
+        return {"task": VGG_TASK, **log, "test_accuracy": evaluate_vit(model, task, "test")}
 
     return build_once(name, train_into, f"training a VGG-16-BN (width 0.25) on {VGG_TASK} from scratch on CPU, "
-                                        f"{VGG_RECIPE['epochs']:g} epoch")
+                                        f"{VGG_RECIPE['epochs']:g} epoch", ("test_accuracy", "test accuracy"))
 
 
 def mobilenet_weights_file() -> Path:
