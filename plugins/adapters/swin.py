@@ -11,9 +11,7 @@ merging and the classifier.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -24,9 +22,9 @@ from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
-from .common import HookedAdapter, config_json, cut_to_plan, image_collate, trace_blocks
+from .common import HookedAdapter, config_json, cut_to_plan, trace_blocks
 from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads, timm_head_dim
-from .timm_io import load_timm, timm_from_config
+from .timm_io import TimmImageClassifier, timm_from_config
 
 
 def _blocks_of(model: nn.Module) -> list[tuple[int, int, nn.Module]] | None:
@@ -55,7 +53,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1, -2) if x.dim() == 4 else x
 
 
-class SwinAdapter(HookedAdapter):
+class SwinAdapter(TimmImageClassifier, HookedAdapter):
     """timm SwinTransformer classifiers: attention heads and MLP neurons of every block."""
 
     name = "swin"
@@ -84,17 +82,7 @@ class SwinAdapter(HookedAdapter):
             return source[5:].startswith("swin")
         return (config_json(source) or {}).get("timm_class") == "SwinTransformer"
 
-    @classmethod
-    def load(cls, source: str, num_labels: int | None = None) -> "SwinAdapter":
-        return cls(*load_timm(source, num_labels))
-
     # --- data ------------------------------------------------------------------------------------
-    def collate(self, examples: list[dict]) -> Batch:
-        return image_collate(examples)
-
-    def logits(self, batch: Batch) -> torch.Tensor:
-        return self.model(batch["pixel_values"])
-
     def seq_len(self, batches: list[Batch]) -> float:
         h, w = self.blocks[0].input_resolution
         return float(h * w)
@@ -179,14 +167,9 @@ class SwinAdapter(HookedAdapter):
         prune_blocks(self.blocks, masks, self.kept_index, slice_timm_heads, slice_mlp_neurons)
 
     def plan(self) -> dict:
-        cfg = self.processor if isinstance(self.processor, dict) else {}
-        return {"timm_config": cfg, "unit_counts": self.unit_counts(), "kept_index": self.kept_index}
+        return {"timm_config": self.timm_config(), "unit_counts": self.unit_counts(), "kept_index": self.kept_index}
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "SwinAdapter":
         cfg = plan.get("timm_config") or {}
         return cut_to_plan(cls(timm_from_config(cfg, "SwinTransformer"), cfg), plan)
-
-    def save_extras(self, directory: str) -> None:
-        if isinstance(self.processor, dict) and "model_args" in self.processor:
-            (Path(directory) / "config.json").write_text(json.dumps(self.processor, indent=2))

@@ -1,4 +1,5 @@
-"""Loading and saving timm models for the timm adapters (``vit``, ``swin``): hub names and model folders.
+"""Loading and saving timm models for the timm adapters (``vit``, ``swin``): hub names and model folders, and
+what the two adapters share (``TimmImageClassifier``).
 
 A timm model folder holds ``config.json`` (``timm_class`` + ``model_args``: the constructor's keyword
 arguments, plus free keys such as ``mean``/``std``) and ``model.safetensors`` (the state dict). Only the
@@ -15,6 +16,8 @@ from torch import nn
 
 from optin.errors import OptinError
 from optin.export import check_layer_count, rebuild_device, shape_differences, weight_shapes
+
+from .common import image_collate
 
 TIMM_CLASSES = ("VisionTransformer", "SwinTransformer")
 
@@ -103,6 +106,29 @@ def load_timm(source: str, num_labels: int | None = None) -> tuple[nn.Module, di
     if num_labels and num_labels != model.num_classes:
         model.reset_classifier(num_labels)
     return model.eval(), json.loads((Path(source) / "config.json").read_text())
+
+
+class TimmImageClassifier:
+    """Loading, batching, logits and the saved timm config shared by the adapters of timm image classifiers
+    (``processor`` is the timm config: ``timm_class`` + ``model_args``, or ``timm_name``)."""
+
+    @classmethod
+    def load(cls, source: str, num_labels: int | None = None):
+        return cls(*load_timm(source, num_labels))
+
+    def collate(self, examples: list[dict]) -> dict:
+        return image_collate(examples)
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["pixel_values"])
+
+    def timm_config(self) -> dict:
+        """The timm config this model was loaded with (recorded in the export plan; {} when unknown)."""
+        return self.processor if isinstance(self.processor, dict) else {}
+
+    def save_extras(self, directory: str) -> None:
+        if isinstance(self.processor, dict) and "model_args" in self.processor:
+            (Path(directory) / "config.json").write_text(json.dumps(self.processor, indent=2))
 
 
 def timm_from_config(cfg: dict, expected: str) -> nn.Module:

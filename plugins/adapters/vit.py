@@ -9,9 +9,7 @@ proportional attention.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,9 +20,9 @@ from optin.contracts import Batch, Reducer, TokenAdapter, TokenScorer, Trace, Un
 from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
-from .common import HookedAdapter, config_json, cut_to_plan, image_collate, trace_blocks
+from .common import HookedAdapter, config_json, cut_to_plan, trace_blocks
 from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads
-from .timm_io import load_timm, timm_from_config
+from .timm_io import TimmImageClassifier, timm_from_config
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -130,7 +128,7 @@ def _options_of(plugin: Any) -> dict:
     return {k: getattr(plugin, k) for k in option_names(type(plugin)) if hasattr(plugin, k)}
 
 
-class VitAdapter(HookedAdapter, TokenAdapter):
+class VitAdapter(TimmImageClassifier, HookedAdapter, TokenAdapter):
     """timm VisionTransformer (DeiT/ViT): attention heads, MLP neurons and tokens."""
 
     name = "vit"
@@ -163,17 +161,7 @@ class VitAdapter(HookedAdapter, TokenAdapter):
         data = config_json(source)
         return data is not None and ("timm_class" in data or "architecture" in data and "model_type" not in data)
 
-    @classmethod
-    def load(cls, source: str, num_labels: int | None = None) -> "VitAdapter":
-        return cls(*load_timm(source, num_labels))
-
     # --- data ------------------------------------------------------------------------------------
-    def collate(self, examples: list[dict]) -> Batch:
-        return image_collate(examples)
-
-    def logits(self, batch: Batch) -> torch.Tensor:
-        return self.model(batch["pixel_values"])
-
     def seq_len(self, batches: list[Batch]) -> float:
         return float(self.n_tokens)
 
@@ -317,8 +305,7 @@ class VitAdapter(HookedAdapter, TokenAdapter):
 
     # --- persistence -----------------------------------------------------------------------------
     def plan(self) -> dict:
-        cfg = self.processor if isinstance(self.processor, dict) else {}
-        return {"timm_config": cfg, "unit_counts": self.unit_counts(), "kept_index": self.kept_index,
+        return {"timm_config": self.timm_config(), "unit_counts": self.unit_counts(), "kept_index": self.kept_index,
                 "removals": self.removals, "reducer": self.reducer_spec}
 
     @classmethod
@@ -334,7 +321,3 @@ class VitAdapter(HookedAdapter, TokenAdapter):
             adapter.install_reducer(registry.create("reducer", spec["reducer"], spec.get("options") or {}),
                                     plan["removals"], ts, spec.get("proportional", True))
         return adapter
-
-    def save_extras(self, directory: str) -> None:
-        if isinstance(self.processor, dict) and "model_args" in self.processor:
-            (Path(directory) / "config.json").write_text(json.dumps(self.processor, indent=2))
