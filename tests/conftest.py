@@ -98,6 +98,21 @@ def make_tokenizer(directory: Path) -> BertTokenizerFast:
     return BertTokenizerFast(vocab_file=str(write_vocab(directory)), do_lower_case=True)
 
 
+# Words of the tiny tokenizer that make up labelled phrases for the command-line tests.
+POSITIVE = ["good", "great", "fine", "nice", "happy", "love", "best", "fun"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst", "boring", "ugly"]
+
+
+def save_tiny_bert(directory: Path, seed: int = 0, num_labels: int = 2) -> Path:
+    """A seeded tiny BERT classifier and the tiny tokenizer saved as a model folder (what ``--model DIR``
+    loads)."""
+    model = make_tiny_bert(seed=seed, num_labels=num_labels)
+    model.config.architectures = ["BertForSequenceClassification"]
+    model.save_pretrained(directory)
+    make_tokenizer(directory.with_name(directory.name + "-tokenizer")).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture
 def tiny_tokenizer(tmp_path) -> BertTokenizerFast:
     """A word-level BERT tokenizer over 35 tokens (5 specials + 30 words)."""

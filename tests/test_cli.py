@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import optin
 import optin.recipe
-from conftest import make_tiny_bert, make_tokenizer
+from conftest import NEGATIVE, POSITIVE, save_tiny_bert
 from optin.cli import cli
 from optin.measure import throughput as real_throughput
 from optin_plugins.adapters.bert import BertAdapter
@@ -20,8 +20,6 @@ from optin_plugins.adapters.bert import BertAdapter
 REPORT_KEYS = ["model", "adapter", "scorer", "searcher", "budget", "macs_before", "macs_after", "params_before",
                "params_after", "metric", "metric_before", "metric_after", "throughput_before", "throughput_after",
                "seconds_scoring"]
-POSITIVE = ["good", "great", "fine", "nice", "happy", "love", "best", "fun"]
-NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst", "boring", "ugly"]
 NOUNS = ["movie", "film", "plot", "actor", "story", "show"]
 
 
@@ -29,11 +27,7 @@ NOUNS = ["movie", "film", "plot", "actor", "story", "show"]
 def workspace(tmp_path_factory) -> dict[str, Path]:
     """A saved tiny 2-label BERT with its tokenizer, a labelled CSV and a folder no adapter handles."""
     root = tmp_path_factory.mktemp("cli")
-    model_dir = root / "tiny-bert"
-    model = make_tiny_bert(num_labels=2)
-    model.config.architectures = ["BertForSequenceClassification"]
-    model.save_pretrained(model_dir)
-    make_tokenizer(root / "tok").save_pretrained(model_dir)
+    model_dir = save_tiny_bert(root / "tiny-bert")
 
     rng = random.Random(0)
     rows, seen = [], set()
@@ -52,9 +46,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
 
-    other_dir = root / "other-bert"  # same shapes, other weights
-    make_tiny_bert(seed=1, num_labels=2).save_pretrained(other_dir)
-    make_tokenizer(root / "tok2").save_pretrained(other_dir)
+    other_dir = save_tiny_bert(root / "other-bert", seed=1)  # same shapes, other weights
     return {"root": root, "model": model_dir, "data": data, "gpt2": gpt2, "other": other_dir}
 
 
@@ -269,14 +261,19 @@ def test_score_then_prune_without_rescoring(workspace, tmp_path):
     _check_export(report, out, workspace, TEXTS)
 
 
-def test_config_file_is_honoured(workspace, tmp_path):
-    # Regression: optin/cli.py `_load_config` used to pass only the command's parameter names to
-    # `optin.config.read_config`, which rejected the documented `options:` key ("unknown key 'options'").
+@pytest.mark.parametrize("options_in", ["config", "command line"])
+def test_config_file_is_honoured(workspace, tmp_path, options_in):
+    """Flags from a --config file, with the plugin options in its `options:` key or given with --set.
+    Regression: optin/cli.py `_load_config` used to pass only the command's parameter names to
+    `optin.config.read_config`, which rejected the documented `options:` key ("unknown key 'options'")."""
     out = tmp_path / "cfg-out"
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"budget": 0.5, "scorer": "trajectory", "calib-size": 16, "eval-size": 32,
-                                   "options": {"neuron_group": 8}}))
-    res = invoke("run", "--config", cfg, "--model", workspace["model"], "--data", workspace["data"],
+    config = {"budget": 0.5, "scorer": "trajectory", "calib-size": 16, "eval-size": 32}
+    extra = ["--set", "neuron_group=8"] if options_in == "command line" else []
+    if not extra:
+        config["options"] = {"neuron_group": 8}
+    cfg.write_text(yaml.safe_dump(config))
+    res = invoke("run", "--config", cfg, "--model", workspace["model"], "--data", workspace["data"], *extra,
                  "--output", out, "--quiet")
     assert res.exit_code == 0, res.output + repr(res.exception)
     report = json.loads((out / "report.json").read_text())
@@ -290,23 +287,6 @@ def test_config_file_is_honoured(workspace, tmp_path):
     for layer in scores.values["neurons"]:  # the option reached the scorer
         groups = layer.reshape(-1, 8)
         assert torch.equal(groups, groups[:, :1].expand_as(groups))
-
-
-def test_config_flags_are_honoured_with_options_on_the_command_line(workspace, tmp_path):
-    """The same as above without the `options:` key (plugin options given with --set instead)."""
-    out = tmp_path / "cfg-out"
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"budget": 0.5, "scorer": "trajectory", "calib-size": 16, "eval-size": 32}))
-    res = invoke("run", "--config", cfg, "--model", workspace["model"], "--data", workspace["data"],
-                 "--set", "neuron_group=8", "--output", out, "--quiet")
-    assert res.exit_code == 0, res.output + repr(res.exception)
-    report = json.loads((out / "report.json").read_text())
-    assert report["budget"] == 0.5
-    assert report["scorer"] == "trajectory"
-    assert report["options"] == {"neuron_group": 8}
-    assert report["calibration_examples"] == 16
-    assert report["macs_after"] <= 0.5 * report["macs_before"]
-    assert optin.Scores.load(out / "scores.safetensors").options["neuron_group"] == 8
 
 
 def test_finetune_on_an_unlabelled_task_is_refused_in_one_line(tmp_path):

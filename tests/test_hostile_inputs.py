@@ -12,12 +12,10 @@ from click.testing import CliRunner
 
 import optin
 import optin.recipe
-from conftest import make_tiny_bert, make_tokenizer
+from conftest import NEGATIVE, POSITIVE, save_tiny_bert
 from optin.cli import cli
 from optin.measure import throughput as real_throughput
 
-POSITIVE = ["good", "great", "fine", "nice", "happy", "love", "best", "fun"]
-NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst", "boring", "ugly"]
 SMALL = ("--calib-size", "8", "--eval-size", "8", "--quiet")
 
 
@@ -25,11 +23,7 @@ SMALL = ("--calib-size", "8", "--eval-size", "8", "--quiet")
 def ws(tmp_path_factory) -> dict[str, Path]:
     """A saved tiny 2-label BERT with its tokenizer and a labelled CSV."""
     root = tmp_path_factory.mktemp("hostile")
-    model_dir = root / "tiny-bert"
-    model = make_tiny_bert(num_labels=2)
-    model.config.architectures = ["BertForSequenceClassification"]
-    model.save_pretrained(model_dir)
-    make_tokenizer(root / "tok").save_pretrained(model_dir)
+    model_dir = save_tiny_bert(root / "tiny-bert")
     rng = random.Random(0)
     rows = set()
     while len(rows) < 40:
