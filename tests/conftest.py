@@ -126,3 +126,16 @@ def optin_cache(tmp_path, monkeypatch) -> Path:
     cache.mkdir()
     monkeypatch.setenv("OPTIN_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture
+def cli_sandbox(tmp_path, monkeypatch, optin_cache) -> Path:
+    """Commands run from an empty folder with OPTIN_CACHE in tmp, and the report's throughput timed in one
+    short pass (its numbers are for benchmarks; the tests only need it measured)."""
+    import optin.recipe
+    from optin.measure import throughput
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(optin.recipe, "throughput",
+                        lambda runs, examples, **kw: throughput(runs, examples, warmup=0, repeats=1, min_seconds=0.0))
+    return tmp_path

@@ -11,10 +11,8 @@ import yaml
 from click.testing import CliRunner
 
 import optin
-import optin.recipe
 from conftest import NEGATIVE, POSITIVE, save_tiny_bert
 from optin.cli import cli
-from optin.measure import throughput as real_throughput
 from optin_plugins.adapters.bert import BertAdapter
 
 REPORT_KEYS = ["model", "adapter", "scorer", "searcher", "budget", "macs_before", "macs_after", "params_before",
@@ -50,15 +48,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "model": model_dir, "data": data, "gpt2": gpt2, "other": other_dir}
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch, optin_cache):
-    """Run every command from an empty folder, with OPTIN_CACHE in tmp and a short throughput timing."""
-    monkeypatch.chdir(tmp_path)
-
-    def quick(runs, examples, **kw):
-        return real_throughput(runs, examples, warmup=1, repeats=3, min_seconds=0.0)
-
-    monkeypatch.setattr(optin.recipe, "throughput", quick)
+pytestmark = pytest.mark.usefixtures("cli_sandbox")  # every command runs from an empty folder (conftest)
 
 
 def invoke(*args: str):

@@ -14,7 +14,6 @@ import optin
 import optin.recipe
 from conftest import NEGATIVE, POSITIVE, save_tiny_bert
 from optin.cli import cli
-from optin.measure import throughput as real_throughput
 
 SMALL = ("--calib-size", "8", "--eval-size", "8", "--quiet")
 
@@ -36,14 +35,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "model": model_dir, "data": data}
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch, optin_cache):
-    monkeypatch.chdir(tmp_path)
-
-    def quick(runs, examples, **kw):
-        return real_throughput(runs, examples, warmup=0, repeats=1, min_seconds=0.0)
-
-    monkeypatch.setattr(optin.recipe, "throughput", quick)
+pytestmark = pytest.mark.usefixtures("cli_sandbox")  # every command runs from an empty folder (conftest)
 
 
 def invoke(*args) -> object:
