@@ -19,6 +19,7 @@ from torch import nn
 
 from . import __version__, registry
 from .contracts import Adapter, Batch, Scorer, ScoreContext, TokenAdapter, TokenScorer, TokenSearcher
+from .degenerate import check_not_degenerate
 from .errors import BudgetError, OptinError
 from .export import save_pruned
 from .hooks import notify
@@ -130,7 +131,7 @@ def score(adapter: Adapter, batches: list[Batch], scorer: str = "trajectory", op
 
 
 def _search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_len: float, searcher: str,
-            options: dict | None) -> tuple[UnitTensors, CostModel]:
+            options: dict | None, allow_degenerate: bool = False) -> tuple[UnitTensors, CostModel]:
     values, scale = (scores.values, scores.scale) if isinstance(scores, Scores) else (scores, "global")
     costs = adapter.cost_model(seq_len)
     accepted = registry.option_names(registry.get("searcher", searcher))
@@ -142,13 +143,16 @@ def _search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_l
     if got > limit * costs.macs() * (1 + 1e-9):
         raise BudgetError(f"searcher {searcher!r} returned masks with {got / costs.macs():.3f} of the MACs, "
                           f"above its budget {limit}")
+    check_not_degenerate(masks, costs, budget, allow_degenerate)
     return masks, costs
 
 
 def search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_len: float,
-           searcher: str = "ptf", options: dict | None = None) -> tuple[UnitTensors, CostModel]:
-    """Keep-masks that fit ``budget`` x the unpruned MACs (scores brought to one scale first)."""
-    return _search(adapter, scores, check_budget(budget), seq_len, searcher, options)
+           searcher: str = "ptf", options: dict | None = None, allow_degenerate: bool = False
+           ) -> tuple[UnitTensors, CostModel]:
+    """Keep-masks that fit ``budget`` x the unpruned MACs (scores brought to one scale first). A result that
+    removes every unit of a layer or of a kind (``optin.degenerate``) is refused unless ``allow_degenerate``."""
+    return _search(adapter, scores, check_budget(budget), seq_len, searcher, options, allow_degenerate)
 
 
 @dataclass
@@ -168,10 +172,11 @@ class PruneResult:
 def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "trajectory", searcher: str = "ptf",
           budget: float = 0.6, scores: Scores | str | Path | None = None, options: dict | None = None,
           seed: int = 0, processor: Any = None, adapter: str | None = None,
-          checkpoint: str | Path | None = None) -> PruneResult:
+          checkpoint: str | Path | None = None, allow_degenerate: bool = False) -> PruneResult:
     """Prune ``model`` in place to ``budget`` of its MACs using calibration batches ``data``.
 
     ``scores`` (a Scores object or a saved scores file) skips scoring: the same scores serve any budget.
+    A degenerate result (every unit of a layer or a kind removed) is refused unless ``allow_degenerate``.
     """
     budget = check_budget(budget)
     ad = as_adapter(model, processor, adapter)
@@ -181,7 +186,7 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
         scores = Scores.load(scores)
         scores.check_matches(ad.name, fingerprint(ad.model), ad.unit_counts())
     seq_len = ad.seq_len(data)
-    masks, costs = _search(ad, scores, budget, seq_len, searcher, options)
+    masks, costs = _search(ad, scores, budget, seq_len, searcher, options, allow_degenerate)
     ad.prune(masks)
     return PruneResult(ad, masks, scores, costs.macs(), costs.macs_of_masks(masks),
                        {"seq_len": seq_len, "kept": kept_counts(masks)})
@@ -368,7 +373,11 @@ def search_stage(ad: Adapter, scores: Scores | None, cfg: RunConfig, plugins: Pl
                  ) -> tuple[UnitTensors, CostModel]:
     """Keep-masks under the budget; every unit kept when there are no unit scores (token-only runs)."""
     if scores is not None and any(t.numel() for v in scores.values.values() for t in v):
-        return _search(ad, scores, cfg.budget, seq_len, plugins.searcher, cfg.options)
+        return _search(ad, scores, cfg.budget, seq_len, plugins.searcher, cfg.options, cfg.allow_degenerate)
+    if scores is not None and cfg.reducer is None:
+        raise OptinError(f"the scores ({cfg.scores_file or cfg.scorer}) hold only token scores, no head/neuron scores, "
+                         "so nothing could be pruned to the budget: add a token reducer (--reducer tome|prune), or "
+                         "score heads and neurons too (e.g. optin score without --set units=false)")
     return {k: [torch.ones(n) for n in ns] for k, ns in ad.unit_counts().items()}, ad.cost_model(seq_len)
 
 

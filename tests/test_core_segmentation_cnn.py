@@ -155,8 +155,9 @@ def test_mean_normalisation_lets_layers_compete_by_relative_importance():
     normed = PTFSearcher(normalize="mean").search(scores, costs, 0.5)
     assert int(plain["channels"][1].sum()) == 1  # global ranking strips the small-scored layer
     assert int(normed["channels"][1].sum()) >= 2 and normed["channels"][1][2:].sum() == 2
-    with pytest.raises(BudgetError, match="normalize"):
+    with pytest.raises(OptinError, match="normalize") as bad:  # a bad option, not a budget problem
         PTFSearcher(normalize="zscore")
+    assert not isinstance(bad.value, BudgetError)
 
 
 def test_adapters_search_defaults_reach_the_searcher_and_user_options_win(monkeypatch):
@@ -201,8 +202,10 @@ def test_agreement_can_count_only_confident_reference_predictions():
 
 
 def test_bad_ptf_options_are_clear_errors():
-    with pytest.raises(BudgetError, match="min_keep must be >= 0"):
-        PTFSearcher(min_keep=-1)
+    for bad in (-1, 1.5, "two"):
+        with pytest.raises(OptinError, match="min_keep must be a whole number >= 0") as info:
+            PTFSearcher(min_keep=bad)
+        assert not isinstance(info.value, BudgetError)  # a bad option, not a budget problem
 
 
 def test_photos_without_scikit_image_say_how_to_install_it(monkeypatch):

@@ -421,3 +421,52 @@ def test_plan_and_report_record_how_the_scores_were_made(ws, tmp_path):
     info = json.loads((out / "model" / "optin-plan.json").read_text())["info"]
     for key in ("seed", "scorer", "options", "scorer_options", "calibration_examples", "scores_seed", "budget"):
         assert info[key] == report[key], key
+
+
+# --- degenerate results, unreachable budgets, options honoured on every path (lists 2 and 7) ----------
+
+def test_a_budget_that_removes_every_unit_is_refused_with_the_floor(ws, tmp_path):
+    line = one_error(_run(ws, tmp_path / "out", "--budget", "1e-6"), "degenerate", "removes every unit",
+                     "raise --budget to at least", "--allow-degenerate")
+    floor = float(line.split("at least ")[1].split(" ")[0])
+    assert 0 < floor < 1
+    assert not (tmp_path / "out").exists()
+    res = _run(ws, tmp_path / "out", "--budget", "1e-6", "--allow-degenerate")  # said explicitly: accepted
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sum(map(sum, report["kept"].values())) == 0
+
+
+def test_a_result_that_empties_a_kind_is_refused(ws, scored, tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(scored))
+    tiny = {k: torch.full_like(v, 1e-9) for k, v in tensors.items() if k.startswith("score/heads")}
+    huge = {k: torch.full_like(v, 1e9) for k, v in tensors.items() if k.startswith("score/neurons")}
+    bad = _variant(scored, tmp_path / "heads-worthless.safetensors", tensors={**tiny, **huge}, meta={"scale": "global"})
+    one_error(_prune_with(ws, bad, tmp_path / "out"), "degenerate", "removes all 12 heads", "--allow-degenerate")
+    ad = optin.load_model(str(ws["model"]))
+    batch = ad.collate([{"text": "the movie was good", "label": 0}])
+    with pytest.raises(optin.OptinError, match="degenerate"):
+        optin.prune(ad, [batch], scores=bad, budget=0.6)
+    assert optin.prune(ad, [batch], scores=bad, budget=0.6, allow_degenerate=True).adapter.unit_counts()["heads"] \
+        == [0, 0, 0]
+
+
+def test_ptf_min_keep_is_honoured_on_the_transformer_path(ws, tmp_path):
+    one_error(_run(ws, tmp_path / "out", "--set", "min_keep=100"), "min_keep=100", "above the budget 0.6",
+              "lower min_keep or raise the budget")
+    res = _run(ws, tmp_path / "kept", "--set", "min_keep=2", "--budget", "0.5")
+    assert res.exit_code == 0, res.output
+    kept = json.loads((tmp_path / "kept" / "report.json").read_text())["kept"]
+    assert min(kept["heads"]) >= 2 and min(kept["neurons"]) >= 2
+    one_error(_run(ws, tmp_path / "bad", "--set", "min_keep=-1"), "min_keep", "whole number >= 0")
+
+
+def test_token_only_scores_without_a_reducer_are_refused(ws, scored, tmp_path):
+    from safetensors.torch import load_file
+
+    names = [k for k in load_file(str(scored)) if k.startswith("score/")]
+    tokens_only = _variant(scored, tmp_path / "tokens.safetensors", drop=names,
+                           tensors={"tokens/tokens.0": torch.rand(9), "tokens/tokens.1": torch.rand(9)})
+    one_error(_prune_with(ws, tokens_only, tmp_path / "out"), "only token scores", "--reducer")

@@ -108,7 +108,8 @@ def test_prune_with_saved_scores_needs_no_rescoring(adapter, batch, tmp_path, mo
     import optin.recipe as recipe
 
     monkeypatch.setattr(recipe, "score", lambda *a, **k: pytest.fail("rescored"))
-    result = optin.prune(adapter, [batch], scores=path, budget=0.5)
+    # magnitude scores on this tiny model remove every head at 0.5 (a degenerate result, accepted here)
+    result = optin.prune(adapter, [batch], scores=path, budget=0.5, allow_degenerate=True)
     assert result.macs_after <= 0.5 * result.macs_before
 
 

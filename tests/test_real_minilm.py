@@ -50,7 +50,9 @@ def test_real_model_pruned_equals_masked(minilm, real_batch):
 
     ad = copy.deepcopy(minilm)
     scores = score(ad, [real_batch], "magnitude")
-    masks, costs = search(ad, scores, 0.6, ad.seq_len([real_batch]))
+    # magnitude scores remove every head of MiniLM at 0.6 (degenerate, refused by default): accepted here, the
+    # test is about removal == masking
+    masks, costs = search(ad, scores, 0.6, ad.seq_len([real_batch]), allow_degenerate=True)
     with torch.no_grad():
         with ad.masked(masks):
             expected = ad.logits(real_batch)

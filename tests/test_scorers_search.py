@@ -388,7 +388,7 @@ def test_scorers_on_a_pruned_model_with_empty_layers(batch, name):
     ad.prune(masks)
     scores = optin.score(ad, [batch], name, {"neuron_group": 8} if name == "trajectory" else None)
     assert _counts(scores.values) == {"heads": [HEADS, 0, HEADS], "neurons": [INTERMEDIATE - 8, INTERMEDIATE, 0]}
-    result = optin.prune(ad, [batch], scores=scores, budget=0.5)
+    result = optin.prune(ad, [batch], scores=scores, budget=0.5, allow_degenerate=True)  # may empty a kind
     assert result.macs_after <= 0.5 * result.macs_before
 
 

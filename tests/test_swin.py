@@ -94,7 +94,8 @@ def test_conforms_with_exact_macs(kind, img):
 @pytest.mark.parametrize("kind", KINDS)
 def test_recipe_prune_meets_budget_and_reloads(kind, scorer, tmp_path):
     ad, batch = make(kind), images()
-    res = prune(ad, [batch], scorer=scorer, budget=0.6, options={"neuron_group": 16} if scorer == "trajectory" else {})
+    res = prune(ad, [batch], scorer=scorer, budget=0.6, options={"neuron_group": 16} if scorer == "trajectory" else {},
+                allow_degenerate=True)  # the tiny Swin may lose a whole block: removal must still equal masking
     assert res.macs_after <= 0.6 * res.macs_before
     assert ad.cost_model().macs() == pytest.approx(res.macs_after)
     with torch.no_grad():

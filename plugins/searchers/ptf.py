@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from optin.contracts import Searcher
-from optin.errors import BudgetError
+from optin.errors import BudgetError, OptinError
 from optin.units import CostModel, UnitTensors
 
 
@@ -33,6 +33,16 @@ def _flatten(scores: UnitTensors, costs: CostModel, kinds: list[str]):
     if not s:
         return torch.zeros(0), torch.zeros(0), []
     return torch.cat(s), torch.cat(c), where
+
+
+def _unforced(scores: torch.Tensor, costs: torch.Tensor, where: list[tuple[str, int, int]], masks: UnitTensors
+              ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int, int]]]:
+    """The flat units not already kept in ``masks`` (by the ``min_keep`` floor)."""
+    free = [j for j, (kind, layer, i) in enumerate(where) if masks[kind][layer][i] == 0]
+    if len(free) == len(where):
+        return scores, costs, where
+    idx = torch.tensor(free, dtype=torch.long)
+    return scores[idx], costs[idx], [where[j] for j in free]
 
 
 def greedy_fill(scores: torch.Tensor, costs: torch.Tensor, capacity: float) -> torch.Tensor:
@@ -101,12 +111,13 @@ class PTFSearcher(Searcher):
 
     name = "ptf"
 
-    def __init__(self, min_keep: int = 1, normalize: str = "none") -> None:
-        if int(min_keep) < 0:
-            raise BudgetError(f"min_keep must be >= 0, got {min_keep}")
+    def __init__(self, min_keep: int | None = None, normalize: str = "none") -> None:
+        if min_keep is not None and (isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0):
+            raise OptinError(f"ptf searcher: min_keep must be a whole number >= 0 (units every layer keeps of each "
+                             f"kind), got {min_keep!r}")
         if normalize not in ("none", "mean"):
-            raise BudgetError(f"normalize must be 'none' or 'mean', got {normalize!r}")
-        self.min_keep = int(min_keep)
+            raise OptinError(f"ptf searcher: normalize must be 'none' or 'mean', got {normalize!r}")
+        self.min_keep = min_keep  # None: 1 on the coupled (CNN) path, no floor on PTF's own path
         self.normalize = normalize
 
     def search(self, scores: UnitTensors, costs: CostModel, budget: float) -> UnitTensors:
@@ -119,25 +130,44 @@ class PTFSearcher(Searcher):
             scores = {k: [layer_normalized(t) for t in v] for k, v in scores.items()}
         if costs.pairs or costs.min_keep:
             return self._search_coupled(scores, costs, kinds, budget * costs.macs())
+        masks = {k: [torch.zeros(t.numel()) for t in scores[k]] for k in kinds}
+        capacity -= self._keep_floor(scores, costs, kinds, masks, budget)
         heads = ["heads"] if "heads" in kinds else []
         others = [k for k in kinds if k not in heads]
-        hs, hc, hw = _flatten(scores, costs, heads)
-        os_, oc, ow = _flatten(scores, costs, others)
+        hs, hc, hw = _unforced(*_flatten(scores, costs, heads), masks)
+        os_, oc, ow = _unforced(*_flatten(scores, costs, others), masks)
         if heads:
             keep_h, keep_o = ptf_search(hs, hc, os_, oc, capacity)
         else:
             keep_h, keep_o = torch.zeros(0, dtype=torch.long), greedy_fill(os_, oc, capacity)
-        masks = {k: [torch.zeros(t.numel()) for t in scores[k]] for k in kinds}
         for where, keep in ((hw, keep_h), (ow, keep_o)):
             for idx in keep.tolist():
                 kind, layer, i = where[idx]
                 masks[kind][layer][i] = 1.0
         return masks
 
+    def _keep_floor(self, scores: UnitTensors, costs: CostModel, kinds: list[str], masks: UnitTensors,
+                    budget: float) -> float:
+        """With ``min_keep`` set: mark the ``min_keep`` best units of every kind in every layer kept in ``masks``
+        and return their MACs (an unreachable floor is a BudgetError naming it)."""
+        if not self.min_keep:
+            return 0.0
+        spent = 0.0
+        for kind in kinds:
+            for layer, t in enumerate(scores[kind]):
+                best = torch.argsort(t.float(), descending=True, stable=True)[: self.min_keep]
+                masks[kind][layer][best] = 1.0
+                spent += float(costs.per_unit[kind][layer]) * best.numel()
+        if spent > budget * costs.macs() - costs.fixed + 1e-6:
+            raise BudgetError(f"min_keep={self.min_keep}: keeping that many units of every kind in every layer costs "
+                              f"{(spent + costs.fixed) / costs.macs():.4g} of the MACs, above the budget {budget}; "
+                              "lower min_keep or raise the budget")
+        return spent
+
     def _search_coupled(self, scores: UnitTensors, costs: CostModel, kinds: list[str], capacity: float) -> UnitTensors:
         flat, _, where = _flatten(scores, costs, kinds)
         order = torch.argsort(flat, stable=True).tolist()
-        floors = {k: max(self.min_keep, costs.min_keep.get(k, 0)) for k in kinds}
+        floors = {k: max(1 if self.min_keep is None else self.min_keep, costs.min_keep.get(k, 0)) for k in kinds}
         removed = greedy_prune(order, where, costs, capacity, floors)
         masks = {k: [torch.ones(t.numel()) for t in scores[k]] for k in kinds}
         for idx in removed:
