@@ -78,7 +78,7 @@ def main() -> None:
             scores, seconds = cached_scores(ad, calib, scorer, options, out / f"scores-{tag}.safetensors", seed)
             for budget in args.budgets:
                 pruned = copy.deepcopy(ad)
-                masks, costs = search(pruned, scores, budget, seq_len)
+                masks, costs = search(pruned, scores, budget, seq_len, allow_degenerate=True)
                 pruned.prune(masks)
                 acc = accuracy(pruned, evals)
                 speed = throughput({"before": lambda: ad.logits(bench), "after": lambda: pruned.logits(bench)},

@@ -76,7 +76,8 @@ def main() -> None:
                                         args.seed)
         for budget in args.budgets:
             pruned = copy.deepcopy(ad)
-            masks, costs = search(pruned, scores, budget, ad.seq_len(evals), options=search_options)
+            masks, costs = search(pruned, scores, budget, ad.seq_len(evals), options=search_options,
+                                  allow_degenerate=True)
             pruned.prune(masks)
             raw = {"metric": evaluate(pruned, evals, task.metric, ad), "fidelity": evaluate(pruned, evals, "agreement", ad)}
             recalibrated = pruned.recalibrate(calib)  # what `optin run` does by default (--recalibrate)

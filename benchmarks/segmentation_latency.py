@@ -65,7 +65,7 @@ def main() -> None:
     for budget in args.budgets:
         pruned = copy.deepcopy(ad)
         try:
-            masks, costs = search(pruned, scores, budget, seq)
+            masks, costs = search(pruned, scores, budget, seq, allow_degenerate=True)
         except BudgetError as exc:  # below what the FFN neurons can remove: say so, keep the other budgets
             skipped[budget] = str(exc)
             print(f"budget {budget}: {exc}", flush=True)

@@ -85,7 +85,7 @@ def main() -> None:
                 sc = scores_for(unit_scorer, tokens=unit_scorer == "trajectory")  # one scoring serves all
                 tokens_scores = _token_importance(sc)
                 searcher = "token-schedule" if family == "expanded" else "ptf"
-                masks, costs = search(pruned, sc, budget, 0, searcher, sopts)
+                masks, costs = search(pruned, sc, budget, 0, searcher, sopts, allow_degenerate=True)
                 pruned.prune(masks)
             elif sopts.get("schedule") == "trajectory":
                 tokens_scores = _token_importance(scores_for("trajectory", tokens=True))
