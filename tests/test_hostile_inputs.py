@@ -470,3 +470,36 @@ def test_token_only_scores_without_a_reducer_are_refused(ws, scored, tmp_path):
     tokens_only = _variant(scored, tmp_path / "tokens.safetensors", drop=names,
                            tensors={"tokens/tokens.0": torch.rand(9), "tokens/tokens.1": torch.rand(9)})
     one_error(_prune_with(ws, tokens_only, tmp_path / "out"), "only token scores", "--reducer")
+
+
+# --- the documented Zero-TPrune command on a model of another depth (list 6) ---------------------------
+
+def test_zero_tprune_runs_as_documented_on_a_six_block_vit(tmp_path):
+    pytest.importorskip("optin_plugins.tasks.images")
+    from timm.models.vision_transformer import VisionTransformer
+
+    from optin_plugins.adapters.timm_io import save_timm_folder
+    from optin_plugins.tasks.images import fashion_mnist_folder
+
+    try:
+        fashion_mnist_folder()
+    except optin.OptinError:
+        pytest.skip("Fashion-MNIST is not installed")
+    args = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=6, num_heads=2,
+                mlp_ratio=2.0)
+    torch.manual_seed(0)
+    folder = save_timm_folder(VisionTransformer(**args).eval(), tmp_path / "vit6", args, mean=[0.286], std=[0.353])
+    out = tmp_path / "out"
+    res = invoke("run", "--model", folder, "--task", "fashion-mnist", "--scorer", "wpr", "--reducer", "prune",
+                 "--output", out, "--calib-size", "8", "--eval-size", "16", "--batch-size", "16", "--quiet")
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["searcher"] == "token-schedule" and report["macs_ratio"] <= 0.6
+    removals = report["token_removals"]
+    assert len(removals) == 6 and sum(removals) > 0
+    assert {i for i, r in enumerate(removals) if r} <= {0, 1, 3, 4, 5}  # the reference pattern scaled to 6 blocks
+    assert optin.load_pruned(out / "model").removals == removals
+    line = one_error(invoke("run", "--model", folder, "--task", "fashion-mnist", "--scorer", "wpr", "--reducer", "prune",
+                            "--output", tmp_path / "out2", "--budget", "0.05", "--calib-size", "8", "--eval-size", "16",
+                            "--quiet"), "raise the budget")
+    assert "units=true" not in line  # units already default to true: the hint must not suggest them

@@ -241,8 +241,21 @@ def test_wpr_does_not_score_units():
     sc = WPRScorer()
     with pytest.raises(NotImplementedError, match="ranks tokens at run time"):
         sc.score(None, [], ScoreContext())
-    assert sc.describe() == {"pruning_layers": [1, 3, 6, 9, 11], "retention": [1.0, 0.9, 0.8, 0.7, 1.0],
+    assert sc.describe() == {"pruning_layers": None, "retention": None,  # the reference pattern, scaled to depth
                              "similarity_tokens": 10, "var_low": 0.01, "var_high": 0.7}
+
+
+def test_wpr_default_pattern_is_scaled_to_the_depth_like_the_token_schedule():
+    from optin_plugins.searchers.token_schedule import TokenScheduleSearcher
+
+    for depth in (4, 6, 12, 24):
+        assert WPRScorer().layer_pattern(depth) == TokenScheduleSearcher(schedule="layers").layer_pattern(depth)
+    assert WPRScorer().layer_pattern(12) == ([1, 3, 6, 9, 11], [1.0, 0.9, 0.8, 0.7, 1.0])
+    layers, _ = WPRScorer().layer_pattern(6)
+    assert layers == [0, 1, 3, 4, 5] and max(layers) < 6
+    rem = WPRScorer().schedule(17, 6)  # a 6-block model: every pruning block exists
+    assert len(rem) == 6 and [i for i, r in enumerate(rem) if r] == [1, 3, 4]
+    assert WPRScorer(pruning_layers=[0, 2], retention=[0.5, 0.5]).describe()["pruning_layers"] == [0, 2]
 
 
 def test_reducers_and_wpr_are_registered():

@@ -21,6 +21,8 @@ from optin.contracts import Adapter, Batch, ScoreContext, Scorer, TokenScorer
 from optin.errors import OptinError
 from optin.units import UnitTensors
 
+from optin_plugins.searchers.token_schedule import REFERENCE_LAYERS, REFERENCE_RETENTION, scaled_layers
+
 
 def weighted_pagerank(attn: torch.Tensor, iterations: int, cls_boost: bool = True) -> torch.Tensor:
     """Power iteration ``s <- A^T s`` on attention ``attn`` (B, H, N, N) -> scores (B, H, N).
@@ -80,21 +82,24 @@ class WPRScorer(Scorer, TokenScorer):
 
     name = "wpr"
 
-    def __init__(self, pruning_layers: Sequence[int] = (1, 3, 6, 9, 11),
-                 retention: Sequence[float] = (1.0, 0.9, 0.8, 0.7, 1.0), similarity_tokens: int = 10,
-                 var_low: float = 0.01, var_high: float = 0.7) -> None:
+    def __init__(self, pruning_layers: Sequence[int] | None = None, retention: Sequence[float] | None = None,
+                 similarity_tokens: int = 10, var_low: float = 0.01, var_high: float = 0.7) -> None:
         try:
-            self.pruning_layers = [int(v) for v in pruning_layers]
-            self.retention = [float(v) for v in retention]
+            # unset: Zero-TPrune's reference pattern (blocks 1, 3, 6, 9, 11 of 12) moved to the model's depth
+            self.pruning_layers = None if pruning_layers is None else [int(v) for v in pruning_layers]
+            self.retention = [float(v) for v in (REFERENCE_RETENTION if retention is None else retention)]
+            self.retention_set = retention is not None
             self.similarity_tokens = int(similarity_tokens)
             self.var_low, self.var_high = float(var_low), float(var_high)
         except (TypeError, ValueError) as exc:
             raise OptinError(f"wpr scorer: bad option value ({exc}); pruning_layers is a list of block "
                              "indices, retention a list of fractions, similarity_tokens an integer") from None
-        if len(self.pruning_layers) != len(self.retention):
-            raise OptinError(f"wpr scorer: pruning_layers ({len(self.pruning_layers)} entries) and retention "
+        layers = list(REFERENCE_LAYERS) if self.pruning_layers is None else self.pruning_layers
+        if len(layers) != len(self.retention):
+            raise OptinError(f"wpr scorer: pruning_layers ({len(layers)} entries"
+                             f"{', the reference pattern' if self.pruning_layers is None else ''}) and retention "
                              f"({len(self.retention)} entries) must have the same length")
-        if len(set(self.pruning_layers)) != len(self.pruning_layers) or any(v < 0 for v in self.pruning_layers):
+        if len(set(layers)) != len(layers) or any(v < 0 for v in layers):
             raise OptinError(f"wpr scorer: pruning_layers must be distinct block indices >= 0, "
                              f"got {self.pruning_layers}")
         if any(not 0.0 < v <= 1.0 for v in self.retention):
@@ -111,7 +116,10 @@ class WPRScorer(Scorer, TokenScorer):
         return {"schedule": "layers", "similarity_tokens": self.similarity_tokens}
 
     def describe(self) -> dict:
-        return {"pruning_layers": list(self.pruning_layers), "retention": list(self.retention),
+        """The options; ``pruning_layers`` None means Zero-TPrune's reference pattern scaled to the model's depth
+        (``layer_pattern``), ``retention`` None its reference retentions."""
+        return {"pruning_layers": None if self.pruning_layers is None else list(self.pruning_layers),
+                "retention": list(self.retention) if self.retention_set else None,
                 "similarity_tokens": self.similarity_tokens, "var_low": self.var_low, "var_high": self.var_high}
 
     def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
@@ -123,11 +131,20 @@ class WPRScorer(Scorer, TokenScorer):
         scores = weighted_pagerank(attn, iterations_for_layer(layer, n_layers))
         return combine_heads(scores, self.var_low, self.var_high)
 
+    def layer_pattern(self, n_layers: int) -> tuple[list[int], list[float]]:
+        """Pruning blocks and retentions for a model of ``n_layers`` blocks: the ``pruning_layers`` given, or
+        Zero-TPrune's reference pattern for 12 blocks moved to this depth (``scaled_layers``: block l goes to
+        ``round(l * (n_layers - 1) / 11)``; retentions landing on one block multiply) - the same rule as the
+        token-schedule searcher's."""
+        if self.pruning_layers is None:
+            return scaled_layers(REFERENCE_LAYERS, self.retention, n_layers)
+        return list(self.pruning_layers), list(self.retention)
+
     def schedule(self, n_tokens: int, n_layers: int, protected: int = 1) -> list[int]:
-        """Tokens removed after each block: at block l of ``pruning_layers`` keep ``retention`` of the
+        """Tokens removed after each block: at block l of ``layer_pattern(n_layers)`` keep its retention of the
         current non-protected tokens (rounded half up, at least one), 0 elsewhere. Pruning layers at or
         beyond ``n_layers`` are ignored."""
-        at = dict(zip(self.pruning_layers, self.retention))
+        at = dict(zip(*self.layer_pattern(n_layers)))
         current = int(n_tokens) - int(protected)
         out = []
         for layer in range(int(n_layers)):
