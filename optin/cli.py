@@ -42,13 +42,21 @@ class OptinGroup(click.Group):
             raise CliError(exc.format_message() + cmd) from None
 
 
+RECIPE_COMMANDS = ("run", "score", "prune")  # the commands that share one --config file
+
+
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value:
-        known = [p.name for p in ctx.command.params if p.name not in ("config",)] + ["options"]
+        mine = [p.name for p in ctx.command.params if p.name not in ("config",)]
+        # one run.yaml serves run, score and prune: a key of another of them (budget for `optin score`) is
+        # ignored here, a key none of them knows is an error
+        siblings = [p.name for name in RECIPE_COMMANDS if name in getattr(ctx.find_root().command, "commands", {})
+                    for p in ctx.find_root().command.commands[name].params if p.name != "config"]
         try:
-            cfg = read_config(value, known)
+            cfg = read_config(value, sorted(set(mine + siblings)) + ["options"])
         except OptinError as exc:
-            raise CliError(str(exc)) from None
+            raise CliError(" ".join(str(exc).split())) from None
+        cfg = {k: v for k, v in cfg.items() if k in mine or k == "options"}
         options = cfg.pop("options", None)
         if options is not None and not isinstance(options, dict):
             raise CliError(f"'options' in {value} must be a mapping of plugin option: value")

@@ -503,3 +503,17 @@ def test_zero_tprune_runs_as_documented_on_a_six_block_vit(tmp_path):
                             "--output", tmp_path / "out2", "--budget", "0.05", "--calib-size", "8", "--eval-size", "16",
                             "--quiet"), "raise the budget")
     assert "units=true" not in line  # units already default to true: the hint must not suggest them
+
+
+def test_the_docs_run_yaml_serves_score_too(ws, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "run.yaml"  # docs/cli.md's example: budget and eval-size are flags of run/prune only
+    cfg.write_text(yaml.safe_dump({"model": str(ws["model"]), "data": str(ws["data"]), "scorer": "trajectory",
+                                   "budget": 0.5, "calib-size": 8, "eval-size": 8,
+                                   "options": {"neuron_group": 8, "temperature": 4}}))
+    res = invoke("score", "--config", cfg, "--output", tmp_path / "scored", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert optin.Scores.load(tmp_path / "scored" / "scores.safetensors").options["temperature"] == 4
+    cfg.write_text("budgett: 0.5\n")
+    one_error(invoke("score", "--config", cfg), "unknown key 'budgett'", "budget")
