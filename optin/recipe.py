@@ -210,6 +210,26 @@ def check_target(adapter: Adapter, task: Task, source: str) -> None:
                      f"use a {what.get(adapter.output, adapter.output)} task: {', '.join(fitting) or 'none installed'}")
 
 
+def check_examples(adapter: Adapter, task: Task, source: str) -> None:
+    """The adapter must be able to batch the task's examples (a text file given to an image model is refused
+    in one line instead of a KeyError deep in ``collate``)."""
+    first = task.examples("train")[:1] or task.examples("test")[:1]
+    if not first:
+        raise OptinError(f"task {task.name!r} has no examples; give a data file with rows")
+    try:
+        adapter.collate(first)
+    except OptinError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        fields = ", ".join(sorted(first[0])) or "none"
+        need = f"a field {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else f"other examples ({exc})"
+        kinds = sorted(n for n, t in known_tasks().items() if t.target == adapter.output and t.kind != task.kind)
+        raise OptinError(f"model {source!r} (adapter {adapter.name!r}) cannot read the examples of task {task.name!r}: "
+                         f"they have fields {fields} but it needs {need}; --data files are text (columns text, "
+                         f"label): use a task of this model's kind{' (' + ', '.join(kinds) + ')' if kinds else ''}") \
+            from None
+
+
 def require_tokens(adapter: Adapter, reducer: str) -> TokenAdapter:
     """A token reducer needs an adapter with tokens (checked before scoring, and again when installing)."""
     if not isinstance(adapter, TokenAdapter):
@@ -336,6 +356,7 @@ def load_stage(cfg: RunConfig) -> tuple[Adapter, Task]:
     if cfg.reducer is not None:
         require_tokens(ad, cfg.reducer)  # fail before any scoring work
     check_target(ad, the_task, cfg.model)
+    check_examples(ad, the_task, cfg.model)
     n_labels = ad.num_classes()
     if n_labels is not None and the_task.metric != "agreement" and n_labels != the_task.num_labels \
             and not cfg.score_only:

@@ -517,3 +517,16 @@ def test_the_docs_run_yaml_serves_score_too(ws, tmp_path):
     assert optin.Scores.load(tmp_path / "scored" / "scores.safetensors").options["temperature"] == 4
     cfg.write_text("budgett: 0.5\n")
     one_error(invoke("score", "--config", cfg), "unknown key 'budgett'", "budget")
+
+
+def test_a_text_data_file_given_to_an_image_model(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from optin_plugins.adapters.timm_io import save_timm_folder
+
+    args = dict(img_size=28, patch_size=7, in_chans=1, num_classes=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2)
+    folder = save_timm_folder(VisionTransformer(**args).eval(), tmp_path / "vit", args)
+    data = tmp_path / "images.csv"
+    data.write_text("text,label\n" + "".join(f"/photos/{i}.png,{'cat' if i % 2 else 'dog'}\n" for i in range(10)))
+    one_error(invoke("run", "--model", folder, "--data", data, "--output", tmp_path / "out", *SMALL),
+              "cannot read the examples", "needs a field 'image'", "fashion-mnist")
