@@ -573,3 +573,14 @@ def test_two_first_builds_of_a_named_model_build_it_once(optin_cache, monkeypatc
     for t in threads:
         t.join()
     assert calls.count("other") == 1
+
+
+def test_token_schedule_options_that_its_schedule_would_ignore_are_refused(ws, tmp_path):
+    from optin.registry import create
+
+    with pytest.raises(optin.OptinError, match="only to schedule=layers"):
+        create("searcher", "token-schedule", {"schedule": "constant", "pruning_layers": [0, 1]})
+    with pytest.raises(optin.OptinError, match="unit_budget applies only"):
+        create("searcher", "token-schedule", {"units": False, "unit_budget": 0.8})
+    assert create("searcher", "token-schedule", {"schedule": "layers", "pruning_layers": [0, 1],
+                                                 "retention": [0.9, 0.8]}).pruning_layers == [0, 1]

@@ -119,8 +119,9 @@ def test_searched_schedule_is_non_increasing_and_meets_budget(vit, images, sched
     scores = score(vit, [images], "trajectory", {"tokens": True, "kinds": []})
     base = vit.cost_model().macs()
     removals = reduce_tokens(vit, "tome", 0.6, base, token_importance=_token_importance(scores),
-                             options={"schedule": schedule, "units": False, "pruning_layers": [0, 1, 2],
-                                      "retention": [0.8, 0.7, 0.6]})
+                             options={"schedule": schedule, "units": False,
+                                      **({"pruning_layers": [0, 1, 2], "retention": [0.8, 0.7, 0.6]}
+                                         if schedule == "layers" else {})})
     counts = vit.token_counts(removals)[1]
     assert all(a >= b for a, b in zip(counts, counts[1:]))
     assert vit.cost_model(removals=removals).macs() <= 0.6 * base

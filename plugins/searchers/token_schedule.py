@@ -122,6 +122,12 @@ class TokenScheduleSearcher(TokenSearcher):
                  pruning_layers: list[int] | None = None, retention: list[float] | None = None) -> None:
         if schedule not in ("trajectory", "constant", "decreasing", "layers"):
             raise OptinError(f"unknown token schedule {schedule!r}; use trajectory, constant, decreasing or layers")
+        if schedule != "layers" and (pruning_layers is not None or retention is not None):
+            raise OptinError(f"token-schedule: pruning_layers and retention apply only to schedule=layers, not "
+                             f"{schedule!r}; add --set schedule=layers, or drop them")
+        if not units and unit_budget is not None:
+            raise OptinError("token-schedule: unit_budget applies only when heads/neurons are pruned too (units=true); "
+                             "drop it, or set units=true")
         self.schedule_kind = schedule
         self.units = bool(units)
         self.unit_budget = unit_budget
