@@ -90,6 +90,11 @@ def common_options(fn):
         click.option("--set", "plugin_opts", multiple=True, metavar="KEY=VALUE",
                      help="Plugin option, e.g. --set neuron_group=8 (repeatable)."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="Where to score, evaluate and time: cpu, cuda, cuda:N or mps."),
+        click.option("--dtype", default="float32", show_default=True,
+                     type=click.Choice(["float32", "bfloat16", "float16"]),
+                     help="Precision of the model's forward passes (scores are accumulated in float64)."),
     ]
     for d in reversed(decorators):
         fn = d(fn)
@@ -286,16 +291,21 @@ def finetune(model: str, task: str | None, data: str | None, output: str, epochs
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads [default: torch's]")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def bench(model: str | None, others: tuple[str, ...], task: str | None, data: str | None, batch_size: int,
-          repeats: int, warmup: int, threads: int | None, as_json: bool) -> None:
+          repeats: int, warmup: int, threads: int | None, device: str, dtype: str, as_json: bool) -> None:
     """Throughput of the original vs pruned / token-reduced models, one process, interleaved, median."""
     import torch
 
+    from .devices import resolve_device, resolve_dtype, synchronize
     from .measure import throughput
     from .models import load_model
     from .recipe import batches_of, resolve_task
     from .tasks import sample
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
 
     if threads:
         torch.set_num_threads(threads)
@@ -304,10 +314,13 @@ def bench(model: str | None, others: tuple[str, ...], task: str | None, data: st
     models = {source: load_model(source)}
     for path in others:
         models[path] = load_model(path)
+    for ad in models.values():
+        ad.model.to(device=dev, dtype=dt).eval()
     first = next(iter(models.values()))
-    batch = batches_of(first, sample(the_task.examples("test"), batch_size, 0), batch_size)[0]
+    batch = batches_of(first, sample(the_task.examples("test"), batch_size, 0), batch_size, dev, dt)[0]
     runs = {name: (lambda ad=ad: ad.logits(batch)) for name, ad in models.items()}
-    speed = throughput(runs, examples=first.batch_size(batch), warmup=warmup, repeats=repeats)
+    speed = throughput(runs, examples=first.batch_size(batch), warmup=warmup, repeats=repeats,
+                       sync=lambda: synchronize(dev))
     base = speed[source]
     rows = [{"model": name, "examples_per_s": v, "ratio": v / base} for name, v in speed.items()]
     if as_json:

@@ -77,6 +77,26 @@ class UnitSite:
 Observer = Callable[[str, int, torch.Tensor], None]
 
 
+class RowSelect:
+    """A ``select`` for ``run_from`` that keeps fixed token rows of every block's embedding.
+
+    ``rows[n]`` are indices into the ``n`` flattened token rows (examples x positions, in ``trace``'s
+    layout) of one replica's embedding; calling the object on stacked replicas (R*B, ..., D) returns
+    (R, K, D). An adapter may instead read ``rows_for(n)`` and gather the rows inside its forward (no
+    full-size buffers); the result must be the same.
+    """
+
+    def __init__(self, rows: dict[int, torch.Tensor], replicas: int) -> None:
+        self.rows, self.replicas = rows, replicas
+
+    def rows_for(self, n: int) -> torch.Tensor:
+        return self.rows[n]
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        flat = features.reshape(self.replicas, -1, features.shape[-1])
+        return flat[:, self.rows_for(flat.shape[1]).to(flat.device)]
+
+
 class Adapter(ABC):
     """One model family. Instances wrap one model (and its input processor).
 
@@ -324,6 +344,7 @@ class ScoreContext:
     rank: int = 0
     world: int = 1
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # sum over the processes (all-reduce)
+    note: Callable[[str], None] = lambda message: None  # tell the user something (e.g. the plan and an ETA)
 
     def cached(self, key: str) -> torch.Tensor | None:
         """The value ``store``d under ``key`` by an interrupted earlier run of the same job, else None."""

@@ -67,3 +67,25 @@ def masked_sites(masks: dict[str, list[torch.Tensor | None]],
                     continue
                 handles.append(mask_hook(site, mask))
         yield
+
+
+def masked_delta(x: torch.Tensor, weight: torch.Tensor, masks: torch.Tensor, unit_size: int = 1) -> torch.Tensor:
+    """What masking takes away from a Linear layer's output, per replica: ``(x * (1 - m_r)) @ W^T``.
+
+    ``x`` (N, n * unit_size) is the layer's input, ``weight`` (D_out, n * unit_size), ``masks`` (R, n).
+    Only the units whose mask differs from 1 in some replica are gathered, so a replica that masks k units
+    costs N x k x unit_size x D_out instead of a full product: masking one FFN neuron changes the output by
+    one rank-1 term, masking one head by its own slice of the output projection. Returns (R, N, D_out).
+    """
+    n = masks.shape[-1]
+    comp = (1 - masks).to(device=x.device, dtype=x.dtype)  # (R, n)
+    k = int((comp != 0).sum(1).max()) if comp.numel() else 0
+    reps = masks.shape[0]
+    if k == 0:
+        return x.new_zeros(reps, x.shape[0], weight.shape[0])
+    _, idx = comp.abs().topk(k, dim=1)  # (R, k): the masked units (padded with zero weights)
+    weights_sel = torch.gather(comp, 1, idx)
+    xu = x.reshape(x.shape[0], n, unit_size)[:, idx]  # (N, R, k, u)
+    xu = (xu * weights_sel[None, :, :, None]).permute(1, 0, 2, 3).reshape(reps, x.shape[0], k * unit_size)
+    wu = weight.reshape(weight.shape[0], n, unit_size).permute(1, 2, 0)[idx]  # (R, k, u, D_out)
+    return torch.bmm(xu, wu.reshape(reps, k * unit_size, weight.shape[0]))

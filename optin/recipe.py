@@ -21,6 +21,7 @@ from . import __version__, registry
 from .contracts import Adapter, Batch, Scorer, ScoreContext, TokenAdapter, TokenScorer, TokenSearcher
 from .degenerate import check_not_degenerate
 from .errors import BudgetError, OptinError
+from .devices import resolve_device, resolve_dtype, synchronize, to_device
 from .export import save_pruned
 from .hooks import notify
 from .measure import evaluate, params, throughput
@@ -49,8 +50,15 @@ def as_adapter(model: nn.Module | Adapter, processor: Any = None, adapter: str |
     return adapter_for(model, adapter)(model, processor)
 
 
-def batches_of(adapter: Adapter, examples: list[dict], batch_size: int) -> list[Batch]:
-    return [adapter.collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+def batches_of(adapter: Adapter, examples: list[dict], batch_size: int, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> list[Batch]:
+    """``examples`` collated by the adapter into batches of ``batch_size`` (on ``device``, floating tensors in
+    ``dtype``, when given)."""
+    batches = [adapter.collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    if device is None and dtype is None:
+        return batches
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    return [to_device(b, dev, dt) for b in batches]
 
 
 def resolve_task(task: str | Task | None, data: str | None, model_source: str | None) -> Task:
@@ -108,7 +116,7 @@ def score(adapter: Adapter, batches: list[Batch], scorer: str = "trajectory", op
     torch.manual_seed(seed)
     adapter.model.eval()
     with bar(f"scoring ({scorer})") as (advance, set_total):
-        ctx = ScoreContext(seed=seed, checkpoint=ckpt, advance=advance, total=set_total)
+        ctx = ScoreContext(seed=seed, checkpoint=ckpt, advance=advance, total=set_total, note=say)
         try:
             values = impl.score(adapter, batches, ctx)
         except NotImplementedError as exc:
@@ -301,6 +309,8 @@ class RunConfig:
     recalibrate: bool = True
     overwrite: bool = False  # replace the outputs of a previous run in ``output``
     allow_degenerate: bool = False  # accept a search result that empties a layer or a kind, or removes every unit
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def checked(self) -> "RunConfig":
         """A copy with the budget and sizes validated (the only place a run checks them)."""
@@ -312,6 +322,8 @@ class RunConfig:
                 raise OptinError(f"--{flag} must be a positive number of examples, got {value}")
         cfg.options = dict(self.options or {})
         cfg.model = self.model or "minilm-trec"
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
         return cfg
 
 
@@ -363,13 +375,14 @@ def load_stage(cfg: RunConfig) -> tuple[Adapter, Task]:
         raise OptinError(f"model {cfg.model!r} predicts {n_labels} classes but task {the_task.name!r} has "
                          f"{the_task.num_labels} ({', '.join(the_task.labels)}); fine-tune it on this task first "
                          "(`optin finetune`)")
-    ad.model.eval()
+    ad.model.to(device=resolve_device(cfg.device), dtype=resolve_dtype(cfg.dtype)).eval()
     return ad, the_task
 
 
 def calibration_stage(ad: Adapter, task: Task, cfg: RunConfig) -> list[Batch]:
     """One batch of ``calib_size`` training examples drawn with the run's seed."""
-    return batches_of(ad, sample(task.examples("train"), cfg.calib_size, cfg.seed), cfg.calib_size)
+    return batches_of(ad, sample(task.examples("train"), cfg.calib_size, cfg.seed), cfg.calib_size, cfg.device,
+                      cfg.dtype)
 
 
 def score_stage(ad: Adapter, calib: list[Batch], cfg: RunConfig, plugins: Plugins, out: Path
@@ -425,14 +438,14 @@ def token_stage(ad: Adapter, scores: Scores | None, cfg: RunConfig, plugins: Plu
     return removals, require_tokens(ad, cfg.reducer).cost_model(seq_len, removals=removals).macs()
 
 
-def evaluate_stage(original: Adapter, ad: Adapter, evals: list[Batch], task: Task) -> dict:
+def evaluate_stage(original: Adapter, ad: Adapter, evals: list[Batch], task: Task, device: str = "cpu") -> dict:
     """The task's metric before and after, and the measured throughput of both on one batch."""
     with bar("evaluating", total=2 * len(evals)) as (advance, _):
         before = evaluate(original, evals, task.metric, original, advance)
         after = evaluate(ad, evals, task.metric, original, advance)
     bench = evals[0]
     speed = throughput({"before": lambda: original.logits(bench), "after": lambda: ad.logits(bench)},
-                       examples=ad.batch_size(bench), min_seconds=2.0)
+                       examples=ad.batch_size(bench), min_seconds=2.0, sync=lambda: synchronize(resolve_device(device)))
     return {"metric_before": before, "metric_after": after, "throughput_before": speed["before"],
             "throughput_after": speed["after"], "speedup": speed["after"] / speed["before"],
             "throughput_batch": ad.batch_size(bench)}
@@ -493,13 +506,14 @@ def run_stages(cfg: RunConfig, plugins: Plugins, out: Path, t_start: float) -> d
     scores, seconds_scoring = score_stage(ad, calib, cfg, plugins, out)
     if cfg.score_only:
         return {"scores": str(Path(cfg.output) / SCORES), "seconds_scoring": seconds_scoring}
-    evals = batches_of(ad, sample(the_task.examples("test"), cfg.eval_size, cfg.seed), cfg.batch_size)
+    evals = batches_of(ad, sample(the_task.examples("test"), cfg.eval_size, cfg.seed), cfg.batch_size, cfg.device,
+                       cfg.dtype)
     seq_len = ad.seq_len(evals)
     masks, costs = search_stage(ad, scores, cfg, plugins, seq_len)
     original, applied = apply_stage(ad, masks, calib, evals[0], cfg)
     removals, token_macs = token_stage(ad, scores, cfg, plugins, costs, seq_len)
     macs_after = token_macs if token_macs is not None else costs.macs_of_masks(masks)
-    measured = evaluate_stage(original, ad, evals, the_task)
+    measured = evaluate_stage(original, ad, evals, the_task, cfg.device)
     report = {
         "model": cfg.model, "adapter": ad.name, "task": the_task.name,
         "scorer": scores.scorer if scores is not None else cfg.scorer, "searcher": plugins.searcher,
@@ -512,7 +526,7 @@ def run_stages(cfg: RunConfig, plugins: Plugins, out: Path, t_start: float) -> d
         **{k: measured[k] for k in ("throughput_before", "throughput_after", "speedup", "throughput_batch")},
         "seconds_scoring": seconds_scoring, "seconds_total": time.perf_counter() - t_start, **applied,
         "kept": kept_counts(masks), "total": counts_of(masks), "token_removals": removals,
-        "options": cfg.options, "optin_version": __version__, "date": _dt.date.today().isoformat(),
+        "options": cfg.options, "device": cfg.device, "dtype": cfg.dtype, "optin_version": __version__, "date": _dt.date.today().isoformat(),
         **provenance(cfg, scores),  # for --scores: what the scores were made with (overrides the keys above)
     }
     export_stage(ad, report, out)

@@ -149,20 +149,22 @@ class _Interrupt(KeyboardInterrupt):
 
 
 def test_score_resumes_after_interruption(batch, tmp_path, monkeypatch):
-    opts = {"neuron_group": 8, "rows": 16}
+    """Exact scoring stores every chunk of masks: an interrupt loses at most the chunk in progress, and the
+    resumed scores equal an uninterrupted run bitwise."""
+    opts = {"neuron_group": 8, "rows": 16, "tokens_per_forward": 40}  # several chunks per layer
     reference = optin.score(BertAdapter(make_tiny_bert()), [batch], "trajectory", opts, seed=2)
 
     ckpt = tmp_path / "scores.partial.safetensors"
-    original = TrajectoryScorer._score_layer
+    original = TrajectoryScorer._chunk
     calls = {"n": 0}
 
     def interrupted(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the 2nd layer scored is interrupted (Ctrl-C)
+        if calls["n"] == 3:  # the 3rd chunk of masks is interrupted (Ctrl-C)
             raise _Interrupt()
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(TrajectoryScorer, "_score_layer", interrupted)
+    monkeypatch.setattr(TrajectoryScorer, "_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         optin.score(BertAdapter(make_tiny_bert()), [batch], "trajectory", opts, seed=2, checkpoint=ckpt)
     assert ckpt.is_file()
@@ -171,17 +173,49 @@ def test_score_resumes_after_interruption(batch, tmp_path, monkeypatch):
 
     recomputed = []
 
-    def counting(self, adapter, batches, traces, samples, kind, layer, *rest):
+    def counting(self, adapter, batch_, trace, probe, kind, layer, *rest):
         recomputed.append((kind, layer))
-        return original(self, adapter, batches, traces, samples, kind, layer, *rest)
+        return original(self, adapter, batch_, trace, probe, kind, layer, *rest)
 
-    monkeypatch.setattr(TrajectoryScorer, "_score_layer", counting)
+    monkeypatch.setattr(TrajectoryScorer, "_chunk", counting)
     resumed = optin.score(BertAdapter(make_tiny_bert()), [batch], "trajectory", opts, seed=2, checkpoint=ckpt)
-    assert ("heads", 0) not in recomputed  # the layer finished before the interruption was reused
-    assert len(recomputed) == 2 * LAYERS - 1
+    monkeypatch.undo()
+    total = []
+    monkeypatch.setattr(TrajectoryScorer, "_chunk", lambda self, *a: total.append(1) or original(self, *a))
+    optin.score(BertAdapter(make_tiny_bert()), [batch], "trajectory", opts, seed=2)
+    assert len(total) > 3
+    assert len(recomputed) == len(total) - 2  # the two chunks finished before the interruption were reused
     assert _equal_units(resumed.values, reference.values)
     assert _equal_units(resumed.extras["md"], reference.extras["md"])
     assert not ckpt.exists()  # removed once scoring completed
+
+
+def test_approximate_scoring_resumes_after_interruption(batch, tmp_path, monkeypatch):
+    """The Gauss-Newton estimator stores every micro-batch pass; a resumed run equals an uninterrupted one."""
+    from optin_plugins.scorers import gauss_newton
+
+    opts = {"estimator": "gauss-newton", "probes": 4, "rows": 16, "tokens_per_backward": 10}  # a pass per example
+    reference = optin.score(BertAdapter(make_tiny_bert()), [batch], "trajectory", opts, seed=2)
+    ckpt = tmp_path / "scores.partial.safetensors"
+    original = gauss_newton._pass
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Interrupt()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gauss_newton, "_pass", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        optin.score(BertAdapter(make_tiny_bert()), [batch], "trajectory", opts, seed=2, checkpoint=ckpt)
+    monkeypatch.undo()
+    passes = []
+    monkeypatch.setattr(gauss_newton, "_pass", lambda *a: passes.append(1) or original(*a))
+    resumed = optin.score(BertAdapter(make_tiny_bert()), [batch], "trajectory", opts, seed=2, checkpoint=ckpt)
+    assert len(passes) == batch["input_ids"].shape[0] - 2
+    assert _equal_units(resumed.values, reference.values)
+    assert _equal_units(resumed.extras["kd"], reference.extras["kd"])
 
 
 def test_checkpoint_of_other_options_is_not_reused(batch, tmp_path, monkeypatch):
@@ -190,8 +224,7 @@ def test_checkpoint_of_other_options_is_not_reused(batch, tmp_path, monkeypatch)
     job = {"fingerprint": fingerprint(ad.model), "scorer": "trajectory",
            "options": TrajectoryScorer(neuron_group=8, rows=16).describe(), "seed": 0, "data": "x"}
     ck = Checkpoint(ckpt, job)
-    ck.put("md/heads.0", torch.full((HEADS,), 123.0))
-    ck.put("kd/heads.0", torch.full((HEADS,), 123.0))
+    ck.put("heads.0#0.0", torch.full((2, HEADS), 123.0, dtype=torch.float64))  # the first chunk's md, kd
     # the data hash differs from "x": the stale partial results must not leak in
     scores = optin.score(ad, [batch], "trajectory", {"neuron_group": 8, "rows": 16}, checkpoint=ckpt)
     assert not torch.equal(scores.extras["md"]["heads"][0], torch.full((HEADS,), 123.0))

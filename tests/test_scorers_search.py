@@ -193,7 +193,8 @@ def test_trajectory_matches_naive_reference(double_setup, tokens_per_forward):
     adapter, batches, md, kd = double_setup
     lam = 0.5
     scores = optin.score(adapter, batches, "trajectory",
-                         {"rows": 20, "lambda_kd": lam, "temperature": 4.0, "tokens_per_forward": tokens_per_forward},
+                         {"rows": 20, "lambda_kd": lam, "temperature": 4.0, "tokens_per_forward": tokens_per_forward,
+                          "estimator": "exact"},
                          seed=5)
     assert _counts(scores.values) == adapter.unit_counts()
     for kind in md:
@@ -206,7 +207,8 @@ def test_trajectory_matches_naive_reference(double_setup, tokens_per_forward):
 
 def test_trajectory_auto_lambda_is_a_power_of_ten_scaling_kd(double_setup):
     adapter, batches, md, kd = double_setup
-    scores = optin.score(adapter, batches, "trajectory", {"rows": 20, "lambda_contribution": 10.0}, seed=5)
+    scores = optin.score(adapter, batches, "trajectory", {"rows": 20, "lambda_contribution": 10.0,
+                                                          "estimator": "exact"}, seed=5)
     md_all = torch.cat([t for v in md.values() for t in v])
     kd_all = torch.cat([t for v in kd.values() for t in v])
     lam = 10.0 ** round(math.log10(md_all.mean().item() / (10.0 * kd_all.mean().item())))

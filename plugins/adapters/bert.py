@@ -13,9 +13,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from optin.contracts import Batch, Trace, UnitSite
+from optin.contracts import Batch, RowSelect, Trace, UnitSite
 from optin.errors import OptinError
 from optin.hooking import removing
+from optin.masking import masked_delta
 from optin.safety import NO_REMOTE_CODE
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
@@ -270,46 +271,129 @@ class BertAdapter(HookedAdapter):
         return Trace(embeddings=emb, logits=logits, valid=mask.bool(), state={"chunks": chunks})
 
     @torch.no_grad()
-    def _run_one(self, chunk: dict, kind: str, layer: int, masks: torch.Tensor
-                 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def _layer_cache(self, trace: Trace, kind: str, layer: int) -> list[dict]:
+        """Per chunk, what restarting ``layer`` with masked ``kind`` units reuses: for heads the context
+        vectors entering the attention output projection and its unmasked output, for neurons the FFN
+        activations and the unmasked FFN output. Computed once per (kind, layer) and kept until another
+        is asked for (the scorer goes layer by layer)."""
+        key = (kind, layer)
+        cache = trace.state.get("layer_cache")
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        block = self.layers[layer]
+        parts = []
+        for chunk in trace.state["chunks"]:
+            if kind == "heads":
+                seen: dict[str, torch.Tensor] = {}
+                dense = block.attention.output.dense
+                h = dense.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+                with removing([h]):
+                    block.attention(chunk["starts"][layer], **self._mask_kwargs(chunk))
+                x = seen["x"]
+                parts.append({"x": x, "base": dense(x)})
+            else:
+                a = block.intermediate(chunk["attention"][layer])
+                parts.append({"x": a, "base": block.output.dense(a)})
+        trace.state["layer_cache"] = (key, parts)
+        return parts
+
+    def _mask_kwargs(self, chunk: dict) -> dict:
+        """The attention mask a BertAttention call needs for this chunk, as the model's own forward builds it."""
+        cached = chunk.get("attention_kwargs")
+        if cached is None:
+            seen: dict[str, Any] = {}
+            h = self.layers[0].attention.register_forward_pre_hook(
+                lambda m, a, k: seen.update(k, mask=a[1] if len(a) > 1 else k.get("attention_mask")), with_kwargs=True)
+            with removing([h]), torch.no_grad():
+                self.logits(chunk["inputs"])
+            cached = chunk["attention_kwargs"] = {"attention_mask": seen["mask"]}
+        return cached
+
+    @torch.no_grad()
+    def _block_output(self, chunk: dict, part: dict, kind: str, layer: int, masks: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block ``layer``'s output for R masks at once, from the cached quantities: the masked units'
+        contribution is subtracted from the unmasked output projection (``masked_delta``); nothing before
+        that point is recomputed. Returns (block output (R*b, t, D), FFN output if ``kind`` is neurons)."""
+        block, reps = self.layers[layer], masks.shape[0]
+        x, base = part["x"], part["base"]
+        b, t = x.shape[:2]
+        if kind == "heads":
+            dense = block.attention.output.dense
+            out = base.unsqueeze(0) - masked_delta(x.reshape(b * t, -1), dense.weight, masks, self.head_dim
+                                                   ).reshape(reps, b, t, -1)
+            so = block.attention.output
+            start = chunk["starts"][layer].unsqueeze(0)
+            attention = so.LayerNorm(so.dropout(out) + start).reshape(reps * b, t, -1)
+            return block.feed_forward_chunk(attention), None
+        dense = block.output.dense
+        ffn = base.unsqueeze(0) - masked_delta(x.reshape(b * t, -1), dense.weight, masks).reshape(reps, b, t, -1)
+        attention = chunk["attention"][layer].unsqueeze(0)
+        out = block.output.LayerNorm(block.output.dropout(ffn) + attention)
+        return out.reshape(reps * b, t, -1), ffn.reshape(reps * b, t, -1)
+
+    @torch.no_grad()
+    def _run_one(self, chunk: dict, part: dict, kind: str, layer: int, masks: torch.Tensor,
+                 keep: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+        """One chunk's restart at ``layer`` for R masks: ``keep(z, embedding_z)`` for z >= layer; the logits."""
         reps = masks.shape[0]
         inputs = {k: v.repeat(reps, *([1] * (v.dim() - 1))) for k, v in chunk["inputs"].items()}
-        start = chunk["starts"][layer].repeat(reps, 1, 1)
-        block = self.layers[layer]
-        saved_attention = block.attention
         full = self.encoder.layer
-        with self.restart_hooks(kind, layer, masks, len(self.layers), lambda o: o) as collected, \
-                removing([self.base.embeddings.register_forward_hook(lambda m, a, o: start)]):
+        handles = [self.layers[z].output.dense.register_forward_hook(lambda m, a, o, z=z: keep(z, o))
+                   for z in range(layer, len(self.layers))]
+        with removing(handles):
+            out, ffn = self._block_output(chunk, part, kind, layer, masks)
+            if ffn is not None:
+                keep(layer, ffn)
+            handles.append(self.base.embeddings.register_forward_hook(lambda m, a, o: out))
             try:
-                if kind == "neurons":  # the masked FFN does not change this block's attention: replay it
-                    block.attention = _Replay(chunk["attention"][layer].repeat(reps, 1, 1))
-                self.encoder.layer = nn.ModuleList(self.layers[layer:])
-                logits = self.logits(inputs)
+                self.encoder.layer = nn.ModuleList(self.layers[layer + 1:])
+                return self.logits(inputs)
             finally:
                 self.encoder.layer = full
-                block.attention = saved_attention
-        return dict(collected), logits
 
     @torch.no_grad()
     def run_from(self, trace: Trace, kind: str, layer: int, masks: torch.Tensor, batch: Batch,
                  select: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Exact restart at ``layer`` from cached inputs, chunk by chunk (no padding). With a ``RowSelect``
+        only the selected token rows are gathered, inside the hooks; otherwise the embeddings are returned
+        in the padded layout and passed through ``select``."""
+        self.check_kind(kind)
         reps = masks.shape[0]
         n, t = trace.valid.shape
+        rows = select.rows_for(n * t).to(masks.device) if isinstance(select, RowSelect) else None
         emb: dict[int, torch.Tensor] = {}
         logits = None
-        for chunk in trace.state["chunks"]:
+        parts = self._layer_cache(trace, kind, layer)
+        for chunk, part in zip(trace.state["chunks"], parts):
             idx = chunk["idx"]
-            got, lg = self._run_one(chunk, kind, layer, masks)
-            for z, e in got.items():
+            tc = chunk["inputs"]["attention_mask"].shape[1]
+            if rows is not None:  # which sampled rows live in this chunk, and where
+                where = torch.full((n,), -1, dtype=torch.long, device=rows.device)
+                where[idx.to(rows.device)] = torch.arange(len(idx), device=rows.device)
+                ex, pos = rows // t, rows % t
+                here = where[ex] >= 0
+                local, k_at = where[ex[here]] * tc + pos[here], torch.nonzero(here).flatten()
+
+            def keep(z: int, e: torch.Tensor) -> None:
+                e = e.reshape(reps, len(idx), tc, e.shape[-1])
+                if rows is not None:
+                    if z not in emb:
+                        emb[z] = e.new_zeros(reps, rows.numel(), e.shape[-1])
+                    emb[z][:, k_at] = e.reshape(reps, len(idx) * tc, -1)[:, local]
+                    return
                 if z not in emb:
                     emb[z] = e.new_zeros(reps, n, t, e.shape[-1])
-                emb[z][:, idx, : e.shape[1]] = e.reshape(reps, len(idx), *e.shape[1:])
+                emb[z][:, idx, :tc] = e
+
+            lg = self._run_one(chunk, part, kind, layer, masks, keep)
             if logits is None:
                 logits = lg.new_zeros(reps, n, *lg.shape[1:])
             logits[:, idx] = lg.reshape(reps, len(idx), *lg.shape[1:])
-        return ({z: select(e.reshape(reps * n, t, e.shape[-1])) for z, e in emb.items()},
-                logits.reshape(reps * n, *logits.shape[2:]))
+        if rows is None:
+            emb = {z: select(e.reshape(reps * n, t, e.shape[-1])) for z, e in emb.items()}
+        return emb, logits.reshape(reps * n, *logits.shape[2:])
 
     # --- physical removal ------------------------------------------------------------------------
     def prune(self, masks: UnitTensors) -> None:

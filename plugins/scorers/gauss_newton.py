@@ -98,41 +98,77 @@ class ProbeDistance:
         raise NotImplementedError
 
 
+def probe_generator(seed: int, batch: int, probe: int) -> torch.Generator:
+    """The random stream of one probe of one batch: the same whichever process draws it."""
+    return torch.Generator().manual_seed(((seed * 1000003 + batch) * 1000003 + probe) % (2**63))
+
+
 def estimate(adapter: Adapter, batches: list[Batch], traces: list[Trace], distances: list[ProbeDistance],
              masks: dict[str, list[torch.Tensor]], n_layers: int, *, probes: int, temperature: float,
-             divide_by_t: bool, examples_per_pass: int, seed: int,
-             advance: Callable[[int], None] = lambda n: None) -> tuple[UnitTensors, UnitTensors]:
-    """Gauss-Newton estimates of L_MD and L_KD for every unit of ``masks`` (leaf tensors of ones with
-    ``requires_grad``, one per kind and layer). ``advance`` is called once per micro-batch and probe."""
+             divide_by_t: bool, examples_per_pass: int, seed: int, mine: list[int] | None = None,
+             cached: Callable[[str], torch.Tensor | None] = lambda key: None,
+             store: Callable[[str, torch.Tensor], None] = lambda key, value: None,
+             advance: Callable[[int], None] = lambda n: None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over the probes ``mine`` (default all of ``range(probes)``) of the squared probe gradients for
+    L_MD and L_KD: two flat float64 vectors over the units of ``masks`` (leaf tensors of ones with
+    ``requires_grad``, one per kind and layer, in that order). Divide by ``probes`` (after summing over the
+    processes that share the probes) for the estimates. Each micro-batch's contribution is ``store``d
+    under ``gn/{batch}.{start}`` and taken from ``cached`` when an interrupted run resumes."""
+    mine = list(range(probes)) if mine is None else list(mine)
     kinds = list(masks)
     flat_masks = [m for k in kinds for m in masks[k]]
     offsets = [0]
     for m in flat_masks:
         offsets.append(offsets[-1] + m.numel())
     where = {(k, i): offsets[j] for j, (k, i) in enumerate((k, i) for k in kinds for i in range(len(masks[k])))}
-    g_md = torch.zeros(probes, offsets[-1], dtype=torch.float64)
-    g_kd = torch.zeros(probes, offsets[-1], dtype=torch.float64)
+    md_sum = torch.zeros(offsets[-1], dtype=torch.float64)
+    kd_sum = torch.zeros(offsets[-1], dtype=torch.float64)
     for b, (batch, trace, dist) in enumerate(zip(batches, traces, distances)):
-        gen = torch.Generator().manual_seed(seed * 1000003 + b)
         n_ex = int(trace.logits.shape[0])
         device = trace.logits.device
-        duals = [dist.duals(z, probes, gen, n_ex).to(device) for z in range(n_layers)]
-        kd = kd_duals(trace.logits.cpu(), probes, gen, temperature, divide_by_t).to(device)
+        gens = [probe_generator(seed, b, p) for p in mine]
+        duals = [torch.cat([dist.duals(z, 1, g, n_ex) for g in gens]).to(device) for z in range(n_layers)]
+        kd = torch.cat([kd_duals(trace.logits.cpu(), 1, g, temperature, divide_by_t) for g in gens]).to(device)
+        g_md = torch.zeros(len(mine), offsets[-1], dtype=torch.float64)
+        g_kd = torch.zeros(len(mine), offsets[-1], dtype=torch.float64)
         for start, stop in split_examples(n_ex, examples_per_pass):
-            with torch.enable_grad(), adapter.masked(masks):
-                embeddings, logits = adapter.forward_embeddings(slice_batch(batch, start, stop))
-                md_terms = [dist.terms(z, embeddings[z], start, stop, duals[z]) for z in range(n_layers)]
-                total = torch.stack(md_terms).sum(0)  # (P,)
-                kd_terms = (kd[:, start:stop] * logits.double().unsqueeze(0)).flatten(1).sum(1)  # (P,)
-            for p in range(probes):
-                g = _flat(torch.autograd.grad(total[p], flat_masks, retain_graph=True, allow_unused=True), flat_masks)
-                g -= _local(md_terms, p, masks, where, offsets[-1], n_layers)
-                g_md[p] += g
-                g_kd[p] += _flat(torch.autograd.grad(kd_terms[p], flat_masks, retain_graph=True, allow_unused=True),
-                                 flat_masks)
-                advance(1)
-    md_flat, kd_flat = g_md.pow(2).mean(0), g_kd.pow(2).mean(0)
-    return _unflat(md_flat, masks, kinds), _unflat(kd_flat, masks, kinds)
+            key = f"gn/{b}.{start}"
+            got_md, got_kd = cached(f"{key}/md"), cached(f"{key}/kd")
+            if got_md is None or got_kd is None:
+                got_md, got_kd = _pass(adapter, slice_batch(batch, start, stop), dist, duals, kd[:, start:stop],
+                                       flat_masks, masks, where, offsets[-1], n_layers, start, stop, advance)
+                store(f"{key}/md", got_md)
+                store(f"{key}/kd", got_kd)
+            else:
+                advance(len(mine))
+            g_md += got_md
+            g_kd += got_kd
+        md_sum += g_md.pow(2).sum(0)  # a probe's gradient is summed over micro-batches before squaring
+        kd_sum += g_kd.pow(2).sum(0)
+    return md_sum, kd_sum
+
+
+def _pass(adapter: Adapter, batch: Batch, dist: ProbeDistance, duals: list[torch.Tensor], kd: torch.Tensor,
+          flat_masks: list[torch.Tensor], masks: dict[str, list[torch.Tensor]], where: dict[tuple[str, int], int],
+          n_units: int, n_layers: int, start: int, stop: int, advance: Callable[[int], None]
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: one forward with the masks, then per probe the backward passes; returns the
+    per-probe gradients (P, units) of the MD probe (own-block term removed) and of the KD probe."""
+    probes = kd.shape[0]
+    g_md = torch.zeros(probes, n_units, dtype=torch.float64)
+    g_kd = torch.zeros(probes, n_units, dtype=torch.float64)
+    with torch.enable_grad(), adapter.masked(masks):
+        embeddings, logits = adapter.forward_embeddings(batch)
+        md_terms = [dist.terms(z, embeddings[z], start, stop, duals[z]) for z in range(n_layers)]
+        total = torch.stack(md_terms).sum(0)  # (P,)
+        kd_terms = (kd * logits.double().unsqueeze(0)).flatten(1).sum(1)  # (P,)
+    for p in range(probes):
+        g_md[p] = _flat(torch.autograd.grad(total[p], flat_masks, retain_graph=True, allow_unused=True), flat_masks)
+        g_md[p] -= _local(md_terms, p, masks, where, n_units, n_layers)
+        g_kd[p] = _flat(torch.autograd.grad(kd_terms[p], flat_masks, retain_graph=p + 1 < probes,
+                                            allow_unused=True), flat_masks)
+        advance(1)
+    return g_md, g_kd
 
 
 def _local(md_terms: list[torch.Tensor], p: int, masks: dict[str, list[torch.Tensor]],
@@ -151,7 +187,9 @@ def _local(md_terms: list[torch.Tensor], p: int, masks: dict[str, list[torch.Ten
     return local
 
 
-def _unflat(values: torch.Tensor, masks: dict[str, list[torch.Tensor]], kinds: list[str]) -> UnitTensors:
+def unflat(values: torch.Tensor, masks: dict[str, list[torch.Tensor]]) -> UnitTensors:
+    """A flat vector over the units of ``masks`` (kind by kind, layer by layer) as UnitTensors."""
+    kinds = list(masks)
     out: UnitTensors = {k: [] for k in kinds}
     at = 0
     for k in kinds:

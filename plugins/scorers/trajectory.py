@@ -10,12 +10,15 @@ count, for models whose stages change it, e.g. Swin) serves every unit. CNN adap
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 import torch.nn.functional as F
 
-from optin.contracts import Adapter, Batch, ScoreContext, Scorer, TokenAdapter, Trace
+from optin.contracts import Adapter, Batch, RowSelect, ScoreContext, Scorer, TokenAdapter, Trace
 from optin.errors import OptinError
 from optin.units import UnitTensors
 
@@ -58,6 +61,10 @@ class _Manifold(gn.ProbeDistance):
     def select(self, features: torch.Tensor, replicas: int) -> torch.Tensor:
         return select_rows(features, replicas, self.rows[features.numel() // features.shape[-1] // replicas])
 
+    def selector(self, replicas: int) -> RowSelect:
+        """What run_from keeps of each block's embedding: the sampled rows of each of ``replicas``."""
+        return RowSelect(self.rows, replicas)
+
     def distance(self, z: int, selected: torch.Tensor) -> torch.Tensor:
         return manifold_distance(relation_map(selected), self.refs[z])
 
@@ -82,6 +89,9 @@ class _FeatureMSE(gn.ProbeDistance):
     def select(features: torch.Tensor, replicas: int) -> torch.Tensor:
         return batch_mean(features, replicas)
 
+    def selector(self, replicas: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda features: batch_mean(features, replicas)
+
     def distance(self, z: int, selected: torch.Tensor) -> torch.Tensor:
         return feature_mse(selected, self.refs[z])
 
@@ -104,6 +114,33 @@ def combine(md: UnitTensors, kd: UnitTensors, lambda_kd: float | str, contributi
     return {k: [m + lam * q for m, q in zip(md[k], kd[k])] for k in md}, lam
 
 
+@dataclass
+class Plan:
+    """How a scoring job runs: per kind exact (one masked restart per group of ``group`` units) or
+    Gauss-Newton (``probes`` probes for every unit at once), and the time it is expected to take."""
+
+    estimator: dict[str, str]
+    group: dict[str, int]
+    probes: int
+    seconds: float
+    forward_seconds: float
+
+    def describe(self, counts: dict[str, list[int]]) -> str:
+        approx = [f"{sum(counts[k]):,} {k}" for k, how in self.estimator.items() if how != "exact"]
+        exact = [f"{sum(counts[k]):,} {k}" + (f" (groups of {self.group[k]})" if self.group[k] > 1 else "")
+                 for k, how in self.estimator.items() if how == "exact"]
+        parts = ([f"{' + '.join(approx)} by Gauss-Newton ({self.probes} probes)"] if approx else []) + \
+            ([f"{' + '.join(exact)} exactly (one masked restart each)"] if exact else [])
+        return "; ".join(parts)
+
+
+def restart_cost(n_layers: int, layer: int, kind: str) -> float:
+    """A masked restart at ``layer`` in forward passes of the batch: the later blocks in full, the masked
+    block's part after the unit (little for FFN neurons, the FFN for heads) - a planning estimate."""
+    own = {"neurons": 0.1, "channels": 0.5, "heads": 0.6}.get(kind, 1.0)
+    return (n_layers - layer - 1 + own) / n_layers
+
+
 class TrajectoryScorer(Scorer):
     """OPTIN: manifold + logit distillation along the forward trajectory when a unit is masked."""
 
@@ -112,28 +149,34 @@ class TrajectoryScorer(Scorer):
     scores_tokens = True
 
     def __init__(self, temperature: float = 4.0, lambda_kd: float | str = "auto", lambda_contribution: float = 10.0,
-                 rows: int = 768, neuron_group: int = 1, tokens_per_forward: int = 32768,
+                 rows: int = 768, neuron_group: int | str = "auto", tokens_per_forward: int = 32768,
                  kd_divide_by_t: bool = True, kinds: list[str] | None = None, tokens: bool = False,
-                 estimator: str = "exact", probes: int = 16, tokens_per_backward: int = 2048) -> None:
-        if int(neuron_group) < 1:
-            raise OptinError(f"neuron_group must be >= 1, got {neuron_group}")
-        if estimator not in ESTIMATORS:
-            raise OptinError(f"unknown trajectory estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
-        if int(probes) < 1 or int(tokens_per_backward) < 1:
-            raise OptinError(f"probes and tokens_per_backward must be >= 1, got {probes} and {tokens_per_backward}")
+                 estimator: str = "auto", probes: int = 16, tokens_per_backward: int = 2048,
+                 target_minutes: float = 5.0) -> None:
+        if neuron_group != "auto" and int(neuron_group) < 1:
+            raise OptinError(f"neuron_group must be >= 1 (or auto), got {neuron_group}")
+        if estimator not in ESTIMATORS + ("auto",):
+            raise OptinError(f"unknown trajectory estimator {estimator!r}; use auto, {', '.join(ESTIMATORS)}")
+        if int(probes) < 1 or int(tokens_per_backward) < 1 or int(tokens_per_forward) < 1:
+            raise OptinError(f"probes, tokens_per_backward and tokens_per_forward must be >= 1, got {probes}, "
+                             f"{tokens_per_backward} and {tokens_per_forward}")
+        if not float(target_minutes) > 0:
+            raise OptinError(f"target_minutes must be positive, got {target_minutes}")
         self.estimator = estimator
         self.probes = int(probes)
         self.tokens_per_backward = int(tokens_per_backward)
+        self.target_minutes = float(target_minutes)
         self.temperature = float(temperature)
         self.lambda_kd = lambda_kd if lambda_kd == "auto" else float(lambda_kd)
         self.contribution = float(lambda_contribution)
         self.rows = int(rows)
-        self.neuron_group = int(neuron_group)
+        self.neuron_group = neuron_group if neuron_group == "auto" else int(neuron_group)
         self.tokens_per_forward = int(tokens_per_forward)
         self.kd_divide_by_t = bool(kd_divide_by_t)
         self.kinds = kinds
         self.tokens = bool(tokens)
         self.extras: dict[str, UnitTensors] = {}
+        self.plan: Plan | None = None
 
     def request_tokens(self, units: bool = True) -> None:
         self.tokens = True
@@ -141,16 +184,57 @@ class TrajectoryScorer(Scorer):
             self.kinds = []
 
     def describe(self) -> dict:
+        """The options that change the scores (the plan chosen for "auto" options is added once known)."""
         out = {"temperature": self.temperature, "lambda_kd": self.lambda_kd,
                "lambda_contribution": self.contribution, "rows": self.rows, "neuron_group": self.neuron_group,
-               "kd_divide_by_t": self.kd_divide_by_t, "kinds": self.kinds, "tokens": self.tokens}
-        if self.estimator != "exact":  # (kept out for exact scores: their files and checkpoints stay valid)
-            out.update(estimator=self.estimator, probes=self.probes)
+               "kd_divide_by_t": self.kd_divide_by_t, "kinds": self.kinds, "tokens": self.tokens,
+               "estimator": self.estimator, "probes": self.probes}
+        if self.plan is not None:
+            out["plan"] = {"estimator": self.plan.estimator, "group": self.plan.group, "probes": self.plan.probes}
         return out
 
-    def _group_size(self, kind: str) -> int:
-        return 1 if kind in ("heads", "tokens") else self.neuron_group
+    # --- planning -------------------------------------------------------------------------------
+    def make_plan(self, adapter: Adapter, kinds: list[str], counts: dict[str, list[int]], n_layers: int,
+                  traces: list[Trace], forward_seconds: float) -> Plan:
+        """Choose, per kind, exact or Gauss-Newton scoring and the neuron group size, so that the job fits
+        ``target_minutes`` on this machine (estimated from the measured forward time)."""
+        supports_gn = type(adapter).forward_embeddings is not Adapter.forward_embeddings
+        # "auto": Gauss-Newton where the adapter supports it, unless the user asked for exact groups
+        exact_asked = self.estimator == "exact" or (self.estimator == "auto" and self.neuron_group != "auto")
+        estimator = {}
+        for kind in kinds:
+            if kind == "tokens" or exact_asked or not supports_gn:
+                estimator[kind] = "exact"
+            else:
+                estimator[kind] = "gauss-newton"
+        if self.estimator == "gauss-newton" and not supports_gn:
+            raise OptinError(f"adapter {adapter.name!r} does not support the approximate trajectory "
+                             "(no forward_embeddings); use estimator=exact")
+        passes = sum(len(gn.split_examples(int(t.logits.shape[0]), self._examples_per_pass(t))) for t in traces)
+        gn_seconds = forward_seconds * (1 + 2.7 * self.probes) * (1 + 0.2 * (passes - 1)) \
+            if "gauss-newton" in estimator.values() else 0.0
+        group = {k: 1 for k in kinds}
+        exact_units = [k for k in kinds if estimator[k] == "exact"]
 
+        def exact_seconds(sizes: dict[str, int]) -> float:
+            return forward_seconds * sum(len(unit_groups(n, sizes[k])) * restart_cost(n_layers, i, k)
+                                         for k in exact_units for i, n in enumerate(counts[k]))
+
+        for k in exact_units:
+            if k in ("heads", "tokens"):
+                continue
+            if self.neuron_group != "auto":
+                group[k] = int(self.neuron_group)
+        budget = 60 * self.target_minutes - gn_seconds
+        if self.neuron_group == "auto":  # the smallest power-of-two groups of neurons/channels that fit
+            while exact_seconds(group) > budget and any(group[k] < 256 for k in exact_units
+                                                        if k not in ("heads", "tokens")):
+                for k in exact_units:
+                    if k not in ("heads", "tokens"):
+                        group[k] = min(256, group[k] * 2)
+        return Plan(estimator, group, self.probes, gn_seconds + exact_seconds(group), forward_seconds)
+
+    # --- scoring --------------------------------------------------------------------------------
     def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
         counts = dict(adapter.unit_counts())
         kinds = list(counts) if self.kinds is None else list(self.kinds)
@@ -160,43 +244,85 @@ class TrajectoryScorer(Scorer):
                 raise OptinError(f"adapter {adapter.name!r} has no tokens to score (tokens=true)")
             counts["tokens"] = [adapter.token_units()] * n_layers
             kinds.append("tokens")
-        traces = [adapter.trace(b) for b in batches]
         distance = adapter.trajectory_distance
         if distance not in ("manifold", "feature-mse"):
             raise OptinError(f"adapter {adapter.name!r} asks for trajectory distance {distance!r}; known: manifold, "
                              "feature-mse")
+        t0 = time.perf_counter()
+        traces = [adapter.trace(b) for b in batches]
+        forward_seconds = (time.perf_counter() - t0) / max(1, len(batches))
         samples = [_Manifold(tr, self.rows, ctx.seed + b) if distance == "manifold" else _FeatureMSE(tr)
                    for b, tr in enumerate(traces)]
-        approximate = [k for k in kinds if k != "tokens"] if self.estimator == "gauss-newton" else []
-        exact = [k for k in kinds if k not in approximate]
-        passes = sum(len(gn.split_examples(int(tr.logits.shape[0]), self._examples_per_pass(tr))) for tr in traces)
-        ctx.total(sum(len(unit_groups(n, self._group_size(k))) for k in exact for n in counts[k])
-                  + (passes * self.probes if approximate else 0))
+        self.plan = plan = self.make_plan(adapter, kinds, counts, n_layers, traces, forward_seconds)
+        ctx.note(f"trajectory: {plan.describe(counts)} on {sum(int(t.logits.shape[0]) for t in traces)} "
+                 f"calibration examples; one forward pass takes {forward_seconds:.2f} s, so about "
+                 f"{_minutes(plan.seconds)} in all" + (f" on {ctx.world} processes (less)" if ctx.world > 1 else ""))
+        approximate = [k for k in kinds if plan.estimator[k] == "gauss-newton"]
+        exact = [k for k in kinds if plan.estimator[k] == "exact"]
+        jobs = self._exact_jobs(exact, counts, traces, plan)
+        mine_jobs = ctx.mine(len(jobs))
+        mine_probes = ctx.mine(self.probes) if approximate else []
+        passes = sum(len(gn.split_examples(int(t.logits.shape[0]), self._examples_per_pass(t))) for t in traces)
+        ctx.total(sum(jobs[j][-1] for j in mine_jobs) + passes * len(mine_probes))
         md: UnitTensors = {k: [] for k in kinds}
         kd: UnitTensors = {k: [] for k in kinds}
         if approximate:
-            got_md, got_kd = self._gauss_newton(adapter, batches, traces, samples, approximate, counts, n_layers, ctx)
+            got_md, got_kd = self._gauss_newton(adapter, batches, traces, samples, approximate, counts, n_layers,
+                                                mine_probes, ctx)
             md.update(got_md)
             kd.update(got_kd)
-        for kind in exact:
-            for layer, n in enumerate(counts[kind]):
-                groups = unit_groups(n, self._group_size(kind))
-                key = f"{kind}.{layer}"
-                got_md, got_kd = ctx.cached(f"md/{key}"), ctx.cached(f"kd/{key}")
-                if got_md is None or got_kd is None:
-                    got_md, got_kd = self._score_layer(adapter, batches, traces, samples, kind, layer, n, groups,
-                                                       n_layers, ctx)
-                    ctx.store(f"md/{key}", got_md)
-                    ctx.store(f"kd/{key}", got_kd)
-                else:
-                    ctx.advance(len(groups))
-                md[kind].append(self._expand(got_md, groups, n))
-                kd[kind].append(self._expand(got_kd, groups, n))
+        if exact:
+            got_md, got_kd = self._exact(adapter, batches, traces, samples, exact, counts, n_layers, plan, jobs,
+                                         mine_jobs, ctx)
+            md.update(got_md)
+            kd.update(got_kd)
+        md = {k: md[k] for k in kinds}
+        kd = {k: kd[k] for k in kinds}
         values, self.lambda_used = combine(md, kd, self.lambda_kd, self.contribution)
         self.extras = {"md": md, "kd": kd}
         if "tokens" in values:
             self.extras["tokens"] = {"tokens": values.pop("tokens")}
         return values
+
+    def _exact_jobs(self, kinds: list[str], counts: dict[str, list[int]], traces: list[Trace], plan: Plan
+                    ) -> list[tuple[str, int, int, int, int]]:
+        """The exact work in chunks of masks sharing one forward: (kind, layer, batch, first group, groups)."""
+        jobs = []
+        for kind in kinds:
+            for layer, n in enumerate(counts[kind]):
+                n_groups = len(unit_groups(n, plan.group[kind]))
+                for b, tr in enumerate(traces):
+                    tokens = max(1, max(e.numel() // e.shape[-1] for e in tr.embeddings))
+                    per = max(1, self.tokens_per_forward // tokens)
+                    for start in range(0, n_groups, per):
+                        jobs.append((kind, layer, b, start, min(per, n_groups - start)))
+        return jobs
+
+    def _exact(self, adapter: Adapter, batches: list[Batch], traces: list[Trace], samples: list, kinds: list[str],
+               counts: dict[str, list[int]], n_layers: int, plan: Plan, jobs: list, mine: list[int],
+               ctx: ScoreContext) -> tuple[UnitTensors, UnitTensors]:
+        """One masked restart per group, in chunks; each chunk's result is stored (resumable) and, with several
+        processes, each chunk is computed by one of them and the sums are shared (``ctx.reduce``)."""
+        groups = {(k, i): unit_groups(n, plan.group[k]) for k in kinds for i, n in enumerate(counts[k])}
+        sums = {key: torch.zeros(2, len(g), dtype=torch.float64) for key, g in groups.items()}
+        for j in mine:
+            kind, layer, b, start, size = jobs[j]
+            key = f"{kind}.{layer}#{b}.{start}"
+            got = ctx.cached(key)
+            if got is None:
+                got = self._chunk(adapter, batches[b], traces[b], samples[b], kind, layer, counts[kind][layer],
+                                  groups[(kind, layer)][start:start + size], n_layers)
+                ctx.store(key, got)
+            sums[(kind, layer)][:, start:start + size] += got
+            ctx.advance(size)
+        flat = ctx.reduce(torch.cat([v.flatten() for v in sums.values()]))
+        at, md, kd = 0, {k: [] for k in kinds}, {k: [] for k in kinds}
+        for (kind, layer), v in sums.items():
+            both = flat[at:at + v.numel()].reshape(v.shape)
+            at += v.numel()
+            md[kind].append(self._expand(both[0].float(), groups[(kind, layer)], counts[kind][layer]))
+            kd[kind].append(self._expand(both[1].float(), groups[(kind, layer)], counts[kind][layer]))
+        return md, kd
 
     def _examples_per_pass(self, trace: Trace) -> int:
         """Examples per forward+backward pass of the approximate estimator (memory: about
@@ -205,15 +331,10 @@ class TrajectoryScorer(Scorer):
         return max(1, self.tokens_per_backward // rows)
 
     def _gauss_newton(self, adapter: Adapter, batches: list[Batch], traces: list[Trace], samples: list,
-                      kinds: list[str], counts: dict[str, list[int]], n_layers: int, ctx: ScoreContext
-                      ) -> tuple[UnitTensors, UnitTensors]:
-        """Every unit of ``kinds`` at once: Gauss-Newton estimates of L_MD and L_KD (see gauss_newton)."""
-        cached = {k: [(ctx.cached(f"gn-md/{k}.{i}"), ctx.cached(f"gn-kd/{k}.{i}")) for i in range(len(counts[k]))]
-                  for k in kinds}
-        if all(a is not None and b is not None for v in cached.values() for a, b in v):
-            ctx.advance(sum(len(gn.split_examples(int(t.logits.shape[0]), self._examples_per_pass(t))) for t in traces)
-                        * self.probes)
-            return ({k: [a for a, _ in v] for k, v in cached.items()}, {k: [b for _, b in v] for k, v in cached.items()})
+                      kinds: list[str], counts: dict[str, list[int]], n_layers: int, mine: list[int],
+                      ctx: ScoreContext) -> tuple[UnitTensors, UnitTensors]:
+        """Every unit of ``kinds`` at once: Gauss-Newton estimates of L_MD and L_KD (see gauss_newton); with
+        several processes each does its share of the probes."""
         params = [p for p in adapter.model.parameters() if p.requires_grad]
         for p in params:  # gradients to the masks only
             p.requires_grad_(False)
@@ -223,15 +344,14 @@ class TrajectoryScorer(Scorer):
             md, kd = gn.estimate(adapter, batches, traces, samples, masks, n_layers, probes=self.probes,
                                  temperature=self.temperature, divide_by_t=self.kd_divide_by_t,
                                  examples_per_pass=min(self._examples_per_pass(t) for t in traces), seed=ctx.seed,
-                                 advance=ctx.advance)
+                                 mine=mine, cached=ctx.cached, store=ctx.store, advance=ctx.advance)
         finally:
             for p in params:
                 p.requires_grad_(True)
-        for k in kinds:
-            for i in range(len(counts[k])):
-                ctx.store(f"gn-md/{k}.{i}", md[k][i].float())
-                ctx.store(f"gn-kd/{k}.{i}", kd[k][i].float())
-        return ({k: [t.float() for t in v] for k, v in md.items()}, {k: [t.float() for t in v] for k, v in kd.items()})
+        both = ctx.reduce(torch.cat([md, kd])) / self.probes
+        n = md.numel()
+        return ({k: [t.float() for t in v] for k, v in gn.unflat(both[:n], masks).items()},
+                {k: [t.float() for t in v] for k, v in gn.unflat(both[n:], masks).items()})
 
     @staticmethod
     def _expand(group_scores: torch.Tensor, groups: list[list[int]], n: int) -> torch.Tensor:
@@ -242,25 +362,22 @@ class TrajectoryScorer(Scorer):
             out[g] = s / len(g)
         return out
 
-    def _score_layer(self, adapter: Adapter, batches: list[Batch], traces: list, samples: list, kind: str,
-                     layer: int, n: int, groups: list[list[int]], n_layers: int,
-                     ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor]:
-        md = torch.zeros(len(groups), dtype=torch.float64)
-        kd = torch.zeros(len(groups), dtype=torch.float64)
+    def _chunk(self, adapter: Adapter, batch: Batch, trace: Trace, probe: Any, kind: str, layer: int, n: int,
+               groups: list[list[int]], n_layers: int) -> torch.Tensor:
+        """MD and KD (2, len(groups)) float64 for one forward of ``len(groups)`` masks at ``layer``."""
+        masks = group_masks(n, groups)
+        reps = masks.shape[0]
         targets = [z for z in range(layer + 1, n_layers)] or [layer]
-        for b, (batch, tr, probe) in enumerate(zip(batches, traces, samples)):
-            tokens = max(1, max(e.numel() // e.shape[-1] for e in tr.embeddings))
-            per = max(1, self.tokens_per_forward // tokens)
-            for start in range(0, len(groups), per):
-                chunk = groups[start:start + per]
-                masks = group_masks(n, chunk)
-                reps = masks.shape[0]
-                emb, logits = adapter.run_from(tr, kind, layer, masks, batch,
-                                               select=lambda o, r=reps: probe.select(o, r))
-                loss = sum(probe.distance(z, emb[z]) for z in targets)
-                md[start:start + reps] += loss.double().cpu()
-                kd[start:start + reps] += kd_divergence(logits.reshape(reps, *tr.logits.shape), tr.logits,
-                                                        self.temperature, self.kd_divide_by_t).cpu()
-                if b == len(batches) - 1:
-                    ctx.advance(reps)
-        return md.float(), kd.float()
+        emb, logits = adapter.run_from(trace, kind, layer, masks, batch, select=probe.selector(reps))
+        loss = sum(probe.distance(z, emb[z]) for z in targets)
+        kl = kd_divergence(logits.reshape(reps, *trace.logits.shape), trace.logits, self.temperature,
+                           self.kd_divide_by_t)
+        return torch.stack([loss.double().cpu(), kl.cpu()])
+
+
+def _minutes(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
