@@ -159,19 +159,24 @@ def naive_trajectory(adapter, batches, rows_k, seed, temperature):
         B, T = batch["input_ids"].shape
         rows = losses.sample_rows(batch["attention_mask"].bool(), B * T, rows_k, seed + b)
         ref_maps = [losses.relation_map(losses.select_rows(e, 1, rows))[0] for e in ref_emb]
-        for kind, ns in counts.items():
-            for layer, n in enumerate(ns):
-                targets = list(range(layer + 1, LAYERS)) or [layer]
-                for j in range(n):
-                    mask = torch.ones(n)
-                    mask[j] = 0.0
-                    emb, logits = _capture_forward(adapter, batch,
-                                                   {kind: [mask if l == layer else None for l in range(LAYERS)]})
-                    md[kind][layer][j] += sum(
-                        float(losses.manifold_distance(losses.relation_map(losses.select_rows(emb[z], 1, rows)),
-                                                       ref_maps[z])[0]) for z in targets)
-                    kd[kind][layer][j] += float(losses.kd_divergence(logits.unsqueeze(0), ref_logits, temperature)[0])
+        for kind, layer, j, masks in _each_unit_removed(counts):
+            emb, logits = _capture_forward(adapter, batch, masks)
+            targets = list(range(layer + 1, LAYERS)) or [layer]
+            md[kind][layer][j] += sum(
+                float(losses.manifold_distance(losses.relation_map(losses.select_rows(emb[z], 1, rows)),
+                                               ref_maps[z])[0]) for z in targets)
+            kd[kind][layer][j] += float(losses.kd_divergence(logits.unsqueeze(0), ref_logits, temperature)[0])
     return md, kd
+
+
+def _each_unit_removed(counts):
+    """``(kind, layer, j, masks)`` for every unit, ``masks`` removing that unit alone."""
+    for kind, ns in counts.items():
+        for layer, n in enumerate(ns):
+            for j in range(n):
+                keep = torch.ones(n)
+                keep[j] = 0.0
+                yield kind, layer, j, {kind: [keep if l == layer else None for l in range(len(ns))]}
 
 
 @pytest.fixture(scope="module")
