@@ -205,17 +205,26 @@ def _invoke_recipe(ctx: click.Context, kw: dict, **extra: Any) -> dict:
     return run_config(RunConfig(options=options, **kw, **extra))
 
 
+reducer_option = click.option("--reducer", default=None,
+                              help="Token reducer (vision adapters; with --searcher token-schedule).")
+
+
+def _prune_and_report(ctx: click.Context, kw: dict) -> None:
+    """The recipe up to the export, then the summary of its report."""
+    report = _invoke_recipe(ctx, kw)
+    report["output"] = kw["output"]
+    _summary(report)
+
+
 @cli.command()
 @common_options
 @click.option("--scorer", default="trajectory", show_default=True)
-@click.option("--reducer", default=None, help="Token reducer (vision adapters; with --searcher token-schedule).")
+@reducer_option
 @prune_options
 @click.pass_context
 def run(ctx: click.Context, **kw: Any) -> None:
     """Score, search, prune, evaluate and export (the whole recipe)."""
-    report = _invoke_recipe(ctx, kw)
-    report["output"] = kw["output"]
-    _summary(report)
+    _prune_and_report(ctx, kw)
 
 
 @cli.command()
@@ -232,14 +241,12 @@ def score(ctx: click.Context, **kw: Any) -> None:
 @common_options
 @click.option("--scores", "scores_file", required=True, type=click.Path(dir_okay=False),
               help="Scores from `optin score` (any budget, no rescoring).")
-@click.option("--reducer", default=None, help="Token reducer (vision adapters; with --searcher token-schedule).")
+@reducer_option
 @prune_options
 @click.pass_context
 def prune(ctx: click.Context, **kw: Any) -> None:
     """Prune from saved scores at a budget, evaluate and export."""
-    report = _invoke_recipe(ctx, kw)
-    report["output"] = kw["output"]
-    _summary(report)
+    _prune_and_report(ctx, kw)
 
 
 @cli.command()
