@@ -46,6 +46,6 @@ def check_not_degenerate(masks: UnitTensors, costs: CostModel, budget: float, al
         return
     floor = smallest_sound_fraction(costs)
     hint = (f"raise --budget to at least {floor:.4g} (one unit of every kind in every layer costs that share of "
-            f"the MACs)" if budget < floor else "check the scores (e.g. rescore, or another --scorer) or raise --budget")
+            "the MACs)" if budget < floor else "check the scores (e.g. rescore, or another --scorer) or raise --budget")
     raise BudgetError(f"the pruning result at budget {budget:g} is degenerate: {why}; {hint}, or pass "
                       "--allow-degenerate (allow_degenerate=True in Python) to accept it")

@@ -39,7 +39,8 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 
 # A tensor name in a scores file: ``prefix/kind.layer`` (e.g. ``score/heads.3``, ``md/neurons.0``).
-_NAME = re.compile(r"(?P<prefix>[A-Za-z][A-Za-z0-9_]{0,31})/(?P<kind>[A-Za-z][A-Za-z0-9_-]{0,31})\.(?P<layer>0|[1-9][0-9]{0,5})")
+_NAME = re.compile(r"(?P<prefix>[A-Za-z][A-Za-z0-9_]{0,31})/(?P<kind>[A-Za-z][A-Za-z0-9_-]{0,31})"
+                   r"\.(?P<layer>0|[1-9][0-9]{0,5})")
 _FIX = "recompute it with `optin score`"
 
 

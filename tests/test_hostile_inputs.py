@@ -499,9 +499,9 @@ def test_zero_tprune_runs_as_documented_on_a_six_block_vit(tmp_path):
     assert len(removals) == 6 and sum(removals) > 0
     assert {i for i, r in enumerate(removals) if r} <= {0, 1, 3, 4, 5}  # the reference pattern scaled to 6 blocks
     assert optin.load_pruned(out / "model").removals == removals
-    line = one_error(invoke("run", "--model", folder, "--task", "fashion-mnist", "--scorer", "wpr", "--reducer", "prune",
-                            "--output", tmp_path / "out2", "--budget", "0.05", "--calib-size", "8", "--eval-size", "16",
-                            "--quiet"), "raise the budget")
+    line = one_error(invoke("run", "--model", folder, "--task", "fashion-mnist", "--scorer", "wpr", "--reducer",
+                            "prune", "--output", tmp_path / "out2", "--budget", "0.05", "--calib-size", "8",
+                            "--eval-size", "16", "--quiet"), "raise the budget")
     assert "units=true" not in line  # units already default to true: the hint must not suggest them
 
 
