@@ -11,7 +11,7 @@ class MagnitudeScorer(Scorer):
     """Norm of each unit's weights (heads: Q/K/V rows + output columns; neurons: in row + out column)."""
 
     name = "magnitude"
-    scale = "global"
+    scale = "kind"  # weight norms: a head owns 4 x 64 x 384 weights, a neuron 2 x 384
 
     def __init__(self, p: float = 2.0) -> None:
         self.p = float(p)

@@ -11,7 +11,7 @@ class RandomScorer(Scorer):
     """Uniform random importance per unit (seeded)."""
 
     name = "random"
-    scale = "global"
+    scale = "kind"  # a uniform draw says nothing about kinds: each kind competes by its cost
 
     def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
         g = torch.Generator().manual_seed(ctx.seed)
