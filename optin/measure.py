@@ -91,13 +91,50 @@ def evaluate(adapter: Adapter, batches: list[Batch], metric: str, reference: Ada
 
 
 @torch.no_grad()
-def throughput(runs: dict[str, Callable[[], object]], examples: int, warmup: int = 3, repeats: int = 15,
-               min_seconds: float = 0.0, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Examples per second of each callable on the same batch, timed interleaved in one process.
+def per_example(adapter: Adapter, batches: list[Batch], metric: str, reference: Adapter,
+                advance: Callable[[int], None] = lambda n: None) -> torch.Tensor:
+    """What ``evaluate`` measures, example by example, so that the metric can be recomputed on any resample
+    of the examples (``metric_of_examples``): (N,) 0/1 correctness for "accuracy" and classifier
+    "agreement" (with ``reference``), (N, C, C) confusion matrices (target x prediction) for "miou" and
+    segmentation "agreement"."""
+    if metric not in ("accuracy", "miou", "agreement"):
+        raise ValueError(f"unknown metric {metric!r}")
+    adapter.model.eval()
+    rows = []
+    for batch in batches:
+        logits = adapter.logits(batch)
+        segmentation = metric == "miou" or (metric == "agreement" and adapter.output == "segmentation")
+        if metric == "agreement":
+            target = reference.logits(batch).argmax(1 if segmentation else -1)
+        else:
+            target = batch["masks"] if segmentation else batch["labels"]
+        if segmentation:
+            pred = logits.argmax(1)
+            rows += [confusion(p, t, logits.shape[1]) for p, t in zip(pred, target)]
+        else:
+            rows.append((logits.argmax(-1) == target).to(torch.uint8).cpu())
+        advance(1)
+    if not rows:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.stack(rows).cpu() if rows[0].dim() == 2 else torch.cat(rows)
 
-    Each callable is warmed up, then the callables take turns so that machine noise hits all of them;
-    the figure is ``examples / median(seconds per call)``. ``sync`` waits for an asynchronous device
-    (CUDA) before each clock reading.
+
+def metric_of_examples(results: torch.Tensor) -> float:
+    """``evaluate``'s metric from ``per_example`` results: the mean correctness, or the mIoU of the summed
+    confusion matrices."""
+    if results.dim() == 3:
+        return miou_of(results.sum(0)) if len(results) else 1.0
+    return float(results.double().mean()) if len(results) else 0.0
+
+
+@torch.no_grad()
+def timings(runs: dict[str, Callable[[], object]], warmup: int = 3, repeats: int = 15, min_seconds: float = 0.0,
+            sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds per call of each callable, timed interleaved in one process: entry i of every list is round
+    i, so ratios of entries of the same round pair the models under the same machine noise.
+
+    Each callable is warmed up, then the callables take turns for at least ``repeats`` rounds and
+    ``min_seconds``; ``sync`` waits for an asynchronous device (CUDA) before each clock reading.
     """
     for fn in runs.values():
         for _ in range(warmup):
@@ -113,4 +150,17 @@ def throughput(runs: dict[str, Callable[[], object]], examples: int, warmup: int
             sync()
             times[name].append(time.perf_counter() - t0)
         i += 1
+    return times
+
+
+@torch.no_grad()
+def throughput(runs: dict[str, Callable[[], object]], examples: int, warmup: int = 3, repeats: int = 15,
+               min_seconds: float = 0.0, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Examples per second of each callable on the same batch, timed interleaved in one process.
+
+    Each callable is warmed up, then the callables take turns so that machine noise hits all of them;
+    the figure is ``examples / median(seconds per call)``. ``sync`` waits for an asynchronous device
+    (CUDA) before each clock reading (``timings`` gives the seconds of every call).
+    """
+    times = timings(runs, warmup, repeats, min_seconds, sync)
     return {k: examples / statistics.median(v) for k, v in times.items()}
