@@ -71,7 +71,11 @@ def _plugin_options(ctx: click.Context, pairs: tuple[str, ...]) -> dict[str, Any
     return options
 
 
-def common_options(fn):
+def common_options(fn=None, *, without: tuple[str, ...] = ()):
+    """The flags every recipe command takes; ``@common_options(without=("seed",))`` leaves out the named ones
+    for a command that defines them its own way."""
+    if fn is None:
+        return lambda f: common_options(f, without=without)
     decorators = [
         click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
                      expose_value=False, help="YAML file setting any of these flags (plus 'options:')."),
@@ -96,8 +100,11 @@ def common_options(fn):
                      type=click.Choice(["float32", "bfloat16", "float16"]),
                      help="Precision of the model's forward passes (scores are accumulated in float64)."),
     ]
+    theirs = len(getattr(fn, "__click_params__", []))  # the command's own flags, applied before these
     for d in reversed(decorators):
         fn = d(fn)
+    fn.__click_params__ = fn.__click_params__[:theirs] + [p for p in fn.__click_params__[theirs:]
+                                                           if p.name not in without]
     return fn
 
 
@@ -341,6 +348,120 @@ def bench(model: str | None, others: tuple[str, ...], task: str | None, data: st
     for r in rows:
         table.add_row(r["model"], f"{r['examples_per_s']:.1f}", f"{r['ratio']:.2f}x")
     out.print(table)
+
+
+def spread_values(args: list[str], names: set[str]) -> list[str]:
+    """``--budgets 0.9 0.6`` as click reads it, ``--budgets 0.9 --budgets 0.6``: an option named in ``names``
+    takes every following word up to the next option (a word starting with ``-`` that is not a number)."""
+    out: list[str] = []
+    current = None
+    for i, arg in enumerate(args):
+        if arg == "--":  # the rest is not options
+            return out + args[i:]
+        if arg.startswith("-") and not _is_number(arg):
+            name = arg.split("=", 1)[0]
+            current = name if name in names else None
+            out.append(arg)
+            continue
+        if current is not None and out[-1] != current:
+            out.append(current)
+        out.append(arg)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+class MultiValueOption(click.Option):
+    """A repeatable option that also takes several values in a row (``--scorers magnitude random``, with
+    ``MultiValueCommand``) and, in a --config file, one value or a list."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, multiple=True, **kw)
+
+    def type_cast_value(self, ctx: click.Context, value: Any) -> Any:
+        if isinstance(value, (str, int, float)):
+            value = (value,)
+        return super().type_cast_value(ctx, value)
+
+
+class MultiValueCommand(click.Command):
+    """A command whose ``MultiValueOption`` options take every following word up to the next option."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        names = {o for p in self.params if isinstance(p, MultiValueOption) for o in p.opts}
+        return super().parse_args(ctx, spread_values(list(args), names))
+
+
+def multi_option(*decls: str, **kw: Any):
+    return click.option(*decls, cls=MultiValueOption, **kw)
+
+
+def _compare_table(result: dict) -> Table:
+    from .compare_report import table
+
+    header, body = table(result)
+    s = result["settings"]
+    t = Table(title=f"{s['model']} on {s['task']}: {result['metric']}, mean over seeds "
+                    f"{', '.join(map(str, result['grid']['seeds']))} [{round(100 * result['grid']['level'])}% CI]; "
+                    f"unpruned {result['unpruned']['metric']:.3f}")
+    for i, col in enumerate(header):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for name, cells in body:
+        t.add_row(name, *("\n".join(text) for text in cells))
+    return t
+
+
+@cli.command(cls=MultiValueCommand)
+@common_options(without=("seed", "output"))
+@multi_option("--scorers", "--scorer", "scorers", required=True, metavar="NAME ...",
+              help="Scorers to compare (several in a row, or repeated).")
+@multi_option("--budgets", "--budget", "budgets", type=float, default=(0.6,), show_default=True, metavar="FLOAT ...",
+              help="Fractions of MACs to keep, each in (0, 1].")
+@multi_option("--seeds", "--seed", "seeds", type=int, default=(0,), show_default=True, metavar="INT ...",
+              help="Calibration seeds (the held-out examples are the same for all).")
+@multi_option("--recover", "recover", default=("none",), show_default=True, metavar="STEPS ...",
+              help="Recovery settings to compare, each as `optin run --recover` takes it.")
+@multi_option("--reducers", "--reducer", "reducers", default=(), metavar="NAME ...",
+              help="Token reducers to compare (vision; `none` for no reducer) [default: none].")
+@click.option("--reference", default=None, help="Scorer the paired differences are taken against [default: the first].")
+@click.option("--searcher", default="ptf", show_default=True)
+@click.option("--output", default="optin-compare", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of cells.jsonl, scores/ and the compare.* outputs (a rerun resumes).")
+@click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--allow-degenerate", is_flag=True,
+              help="Accept pruned models that lose every unit of a layer or of a kind (refused without it).")
+@click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,
+              help="After removal, re-estimate normalisation statistics where the adapter can.")
+@click.option("--speed/--no-speed", default=True, show_default=True,
+              help="Time every pruned model of the first seed against the unpruned one.")
+@click.pass_context
+def compare(ctx: click.Context, **kw: Any) -> None:
+    """Compare scorers x budgets x recovery (x reducers) over calibration seeds on the same test examples."""
+    import dataclasses
+
+    from .compare import CompareConfig, compare as run_compare
+
+    set_quiet(kw.pop("quiet"))
+    options = _plugin_options(ctx, kw.pop("plugin_opts"))
+    for scorer in kw["scorers"]:  # a named model's scoring defaults, for the scorers that take them
+        values = {**kw, "scorer": scorer}
+        _apply_model_defaults(ctx, kw["model"], values, options)
+        kw.update({k: values[k] for k in kw})
+    kw = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+    kw["reducers"] = kw["reducers"] or [None]
+    known = {f.name for f in dataclasses.fields(CompareConfig)}
+    extra = {k: kw.pop(k) for k in list(kw) if k not in known}  # flags every recipe command has, for the cells
+    result = run_compare(CompareConfig(options=options, extra=extra, **kw))
+    out.print(_compare_table(result))
+    out.print(f"Δ: paired difference against {result['grid']['reference']} on the same examples (* its CI "
+              f"excludes 0); tables, plot and JSON in {kw['output']} (compare.md, compare.png, compare.json)")
 
 
 def main() -> None:
