@@ -18,7 +18,7 @@ from conftest import make_batch, make_tiny_bert
 from optin.contracts import Adapter, Batch
 from optin.testing import flop_macs
 
-ADAPTERS = ["bert", "vit", "hf-vit", "swin", "hf-swin", "mask2former", "mmseg-mask2former", "vgg", "mobilenetv2"]
+ADAPTERS = ["bert", "distilbert", "deberta-v2", "vit", "hf-vit", "swin", "hf-swin", "mask2former", "mmseg-mask2former", "vgg", "mobilenetv2"]
 
 
 def images(n: int = 4, channels: int = 3, size: int = 32, seed: int = 1, classes: int = 5) -> Batch:
@@ -38,6 +38,63 @@ def counted_encoder_macs(model: nn.Module, seq_len: int) -> float:
         emb = model.bert.embeddings(input_ids=ids)
         with FlopCounterMode(display=False) as fc:
             model.bert.encoder(emb)
+    return fc.get_total_flops() / 2
+
+
+# --- other HF encoders: DistilBERT, DeBERTa-v2, ELECTRA, XLM-RoBERTa -----------------------------------
+
+ENCODERS = ["distilbert", "deberta-v2", "electra", "xlm-roberta"]
+# DeBERTa-v2 with relative positions in buckets and both position terms (the v3 setup); ``deberta_options``
+# change it (share_att_key=False: its own position projections; conv_kernel_size=3: the v2-xlarge convolution).
+DEBERTA = dict(relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=32,
+               share_att_key=True, norm_rel_ebd="layer_norm", type_vocab_size=2)
+
+
+def make_encoder(family: str, seed: int = 0, num_labels: int = 3, **deberta_options):
+    """A seeded 3-layer, 4-head, hidden-32, FFN-64 classifier of an HF encoder family (``ENCODERS``) over the
+    tiny tokenizer's 100-token vocabulary, eager attention, weights drawn large enough that every unit matters."""
+    import transformers as tf
+
+    common = dict(vocab_size=100, num_labels=num_labels, max_position_embeddings=64)
+    size = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+    cfg = {"distilbert": lambda: tf.DistilBertConfig(dim=32, n_layers=3, n_heads=4, hidden_dim=64, **common),
+           "deberta-v2": lambda: tf.DebertaV2Config(**size, **{**DEBERTA, **deberta_options}, **common),
+           "electra": lambda: tf.ElectraConfig(embedding_size=16, **size, **common),  # projected embeddings
+           "xlm-roberta": lambda: tf.XLMRobertaConfig(**size, pad_token_id=0, type_vocab_size=2, **common)}[family]()
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = tf.AutoModelForSequenceClassification.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+    model.config.architectures = [type(model).__name__]
+    return model.eval()
+
+
+def encoder_adapter(family: str, **kw):
+    """``make_encoder(family)`` in its adapter (ELECTRA and XLM-RoBERTa: ``bert``)."""
+    from optin_plugins.adapters.bert import BertAdapter
+    from optin_plugins.adapters.deberta import DebertaV2Adapter
+    from optin_plugins.adapters.distilbert import DistilBertAdapter
+
+    cls = {"distilbert": DistilBertAdapter, "deberta-v2": DebertaV2Adapter}.get(family, BertAdapter)
+    return cls(make_encoder(family, **kw))
+
+
+def counted_macs_of_encoder(ad: Adapter, batch: Batch) -> float:
+    """FlopCounterMode MACs of an encoder adapter's layers alone (what its cost model counts) on the first
+    example of ``batch``: the encoder's input is captured in a full forward, then the encoder is counted."""
+    one = {k: v[:1] for k, v in batch.items() if k != "labels"}
+    seen: dict = {}
+    h = ad.encoder.register_forward_pre_hook(lambda m, a, k: seen.update(args=a, kwargs=k), with_kwargs=True)
+    with torch.no_grad():
+        ad.logits(one)
+        h.remove()
+        with FlopCounterMode(display=False) as fc:
+            ad.encoder(*seen["args"], **seen["kwargs"])
     return fc.get_total_flops() / 2
 
 
@@ -295,6 +352,9 @@ def tiny(name: str) -> Tiny:
 
         return Tiny(BertAdapter(make_tiny_bert()), make_batch(), lambda ad: counted_encoder_macs(ad.model, 10), 10.0,
                     options=fast)
+    if name in ENCODERS:
+        batch = make_batch()
+        return Tiny(encoder_adapter(name), batch, lambda ad: counted_macs_of_encoder(ad, batch), 10.0, options=fast)
     if name == "vit":
         batch = images(channels=1, size=28)
         return Tiny(make_vit(fused=False), batch, lambda ad: flop_macs(ad, batch), options=fast)

@@ -1,4 +1,6 @@
-"""Adapter for HF BERT-family encoders (BertModel, BertForSequenceClassification, MiniLM, RoBERTa layout).
+"""Adapter for HF BERT-family encoders (BertModel, BertForSequenceClassification, MiniLM, RoBERTa, XLM-RoBERTa,
+ELECTRA layout), and the post-norm encoder machinery other encoder layouts reuse (``EncoderLayout``: DistilBERT,
+DeBERTa-v2 in their own adapters).
 
 Units: attention heads and FFN hidden neurons per layer. transformers 5 has no ``head_mask`` nor
 ``prune_heads``: heads are masked by scaling the per-head context vectors going into the attention
@@ -7,6 +9,8 @@ both with forward pre-hooks; physical removal slices the Linear layers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,18 +30,69 @@ from .heads import prune_blocks
 
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
 
+# Encoders optin recognises but cannot prune, with the reason and what to do instead (one line each).
+REFUSED = {
+    "albert": "ALBERT shares one set of layer weights across all its layers, so removing a head or neuron in one "
+              "layer removes it in every layer, which optin's per-layer pruning cannot express; prune an encoder "
+              "with its own weights per layer (BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa-v2)",
+}
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """Where the parts of one post-norm encoder layer live, as dotted attribute paths from the layer (the
+    layers are ``<encoder>.layer``, ``encoder`` a path from the base model). A layer computes
+    ``a = attention_norm(attention_out(heads(x)) + x)`` and ``ffn_norm(ffn_out(activation(ffn_in(a))) + a)``."""
+
+    encoder: str = "encoder"
+    self_attention: str = "attention.self"  # holds the per-head projections and ``attention_head_size``
+    projections: tuple[str, ...] = ("query", "key", "value")  # Linear layers with rows per head (those present)
+    attention_out: str = "attention.output.dense"  # input columns per head: the heads' unit site
+    attention_norm: str = "attention.output.LayerNorm"
+    ffn_in: str = "intermediate.dense"
+    activation: str = "intermediate.intermediate_act_fn"
+    ffn_out: str = "output.dense"  # input columns per neuron: the neurons' unit site
+    ffn_norm: str = "output.LayerNorm"
+    inputs: tuple[str, ...] | None = None  # the batch keys the model takes (None: every key but labels)
+
+
+BERT_LAYOUT = EncoderLayout()
+
+
+def part(module: nn.Module, path: str) -> Any:
+    """``module``'s attribute at a dotted ``path`` (None where any step is missing)."""
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def set_part(module: nn.Module, path: str, value: nn.Module) -> None:
+    """Replace ``module``'s attribute at a dotted ``path``."""
+    *head, last = path.split(".")
+    for name in head:
+        module = getattr(module, name)
+    setattr(module, last, value)
+
 
 class _NoHeads(nn.Module):
-    """Stands in for a self-attention whose heads were all removed: contributes nothing (B, T, 0)."""
+    """Stands in for a self-attention whose heads were all removed: contributes nothing (B, T, 0), or, when the
+    attention owns its output projection (``proj``, kept under the attribute ``proj_name``), that
+    projection's bias."""
 
-    def __init__(self, head_dim: int) -> None:
+    def __init__(self, head_dim: int, proj_name: str | None = None, proj: nn.Module | None = None) -> None:
         super().__init__()
         self.num_attention_heads = 0
         self.attention_head_size = head_dim
         self.all_head_size = 0
+        self.proj_name = proj_name
+        if proj_name:
+            setattr(self, proj_name, proj)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+        out = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
+        return (getattr(self, self.proj_name)(out) if self.proj_name else out), None
 
 
 class _Replay(nn.Module):
@@ -52,79 +107,104 @@ class _Replay(nn.Module):
 
 
 @torch.no_grad()
-def _slice_heads(block: nn.Module, keep: list[int]) -> None:
-    """Keep only heads ``keep`` of a BERT layer (Q/K/V rows, output-projection columns), in place."""
-    att = block.attention.self
+def _slice_heads(block: nn.Module, keep: list[int], layout: EncoderLayout = BERT_LAYOUT) -> None:
+    """Keep only heads ``keep`` of an encoder layer (rows of the per-head projections, output-projection
+    columns), in place; with none left the self-attention becomes ``_NoHeads``."""
+    att = part(block, layout.self_attention)
     d = int(att.attention_head_size)
     rows = head_rows(keep, d)
+    out = slice_linear(part(block, layout.attention_out), in_idx=rows)
+    inside = layout.attention_out.startswith(layout.self_attention + ".")  # the attention owns its projection
     if keep:
-        for p in ("query", "key", "value"):
-            setattr(att, p, slice_linear(getattr(att, p), out_idx=rows))
-        att.num_attention_heads = len(keep)
+        for p in layout.projections:
+            if isinstance(getattr(att, p, None), nn.Linear):
+                setattr(att, p, slice_linear(getattr(att, p), out_idx=rows))
+        for count in ("num_attention_heads", "n_heads"):
+            if hasattr(att, count):
+                setattr(att, count, len(keep))
         att.all_head_size = len(keep) * d
     elif not isinstance(att, _NoHeads):
-        block.attention.self = _NoHeads(d)
-    block.attention.output.dense = slice_linear(block.attention.output.dense, in_idx=rows)
+        name = layout.attention_out[len(layout.self_attention) + 1:] if inside else None
+        set_part(block, layout.self_attention, _NoHeads(d, name, out if inside else None))
+    set_part(block, layout.attention_out, out)
 
 
 @torch.no_grad()
-def _slice_neurons(block: nn.Module, keep: list[int]) -> None:
-    """Keep only FFN hidden neurons ``keep`` of a BERT layer (intermediate rows, output columns)."""
-    block.intermediate.dense, block.output.dense = slice_mlp(block.intermediate.dense, block.output.dense,
-                                                             torch.as_tensor(keep, dtype=torch.long))
+def _slice_neurons(block: nn.Module, keep: list[int], layout: EncoderLayout = BERT_LAYOUT) -> None:
+    """Keep only FFN hidden neurons ``keep`` of an encoder layer (FFN input rows, output columns)."""
+    fc_in, fc_out = slice_mlp(part(block, layout.ffn_in), part(block, layout.ffn_out),
+                              torch.as_tensor(keep, dtype=torch.long))
+    set_part(block, layout.ffn_in, fc_in)
+    set_part(block, layout.ffn_out, fc_out)
 
 
-def _encoder_of(model: nn.Module) -> nn.Module | None:
+def _encoder_of(model: nn.Module, layout: EncoderLayout = BERT_LAYOUT) -> nn.Module | None:
     base = getattr(model, "base_model", model)
-    enc = getattr(base, "encoder", None)
+    enc = part(base, layout.encoder)
     layers = getattr(enc, "layer", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         return None
     first = layers[0]
-    ok = all(hasattr(first, a) for a in ("attention", "intermediate", "output")) and \
-        hasattr(first.attention, "self") and hasattr(first.attention.self, "query") and \
-        hasattr(getattr(base, "embeddings", None), "word_embeddings")
+    att = part(first, layout.self_attention)
+    ok = all(isinstance(part(first, p), nn.Linear) for p in (layout.attention_out, layout.ffn_in, layout.ffn_out)) \
+        and isinstance(getattr(att, layout.projections[0], None), nn.Linear) and hasattr(att, "attention_head_size") \
+        and part(first, layout.attention_norm) is not None and part(first, layout.ffn_norm) is not None \
+        and hasattr(getattr(base, "embeddings", None), "word_embeddings")
     return enc if ok else None
 
 
 class BertAdapter(HookedAdapter):
-    """HF BERT-family encoders: attention heads and FFN neurons."""
+    """HF BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA): attention heads and FFN neurons."""
 
     name = "bert"
     sources = "HF folders/hub ids, config.json model_type bert, roberta, xlm-roberta, camembert or electra"
     unit_kinds = ("heads", "neurons")
     max_length = 128
+    # What a subclass for another encoder layout changes: the config model types it claims, where the parts
+    # of a layer are, and how that layout is named in error messages.
+    model_types: frozenset[str] = frozenset(BERT_LIKE)
+    layout: EncoderLayout = BERT_LAYOUT
+    layout_name = "BERT layout (encoder.layer[i].attention.self.query)"
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
         super().__init__(model, processor)
-        enc = _encoder_of(model)
+        enc = _encoder_of(model, self.layout)
         if enc is None:
-            raise OptinError(f"{type(model).__name__} does not have the BERT layout (encoder.layer[i].attention.self)")
+            raise OptinError(f"{type(model).__name__} does not have the {self.layout_name}")
         self.encoder = enc
         self.base = getattr(model, "base_model", model)
         self.layers = list(enc.layer)
-        self.head_dim = int(self.layers[0].attention.self.attention_head_size)
-        self.hidden = int(model.config.hidden_size)
+        self.head_dim = int(part(self.layers[0], self.layout.self_attention).attention_head_size)
+        self.hidden = int(self._part(0, "attention_out").out_features)
         counts = self.unit_counts()
         self.kept_index = {k: [list(range(n)) for n in ns] for k, ns in counts.items()}
+
+    def _part(self, layer: int, name: str) -> nn.Module:
+        """The part ``name`` (a field of ``EncoderLayout``) of layer ``layer``."""
+        return part(self.layers[layer], getattr(self.layout, name))
 
     # --- discovery -------------------------------------------------------------------------------
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
-        return _encoder_of(model) is not None and hasattr(model, "config")
+        return _encoder_of(model, cls.layout) is not None and hasattr(model, "config")
 
     @classmethod
-    def claims(cls, source: str) -> bool:
+    def _model_type(cls, source: str) -> str | None:
         cfg = config_json(source)
         if cfg is None and Path(source).exists():
-            return False
+            return None
         if cfg is None:  # a hub id: ask the hub (fails fast offline)
             try:
                 from transformers import AutoConfig
                 cfg = AutoConfig.from_pretrained(source, **NO_REMOTE_CODE).to_dict()
             except Exception:
-                return False
-        return cfg.get("model_type") in BERT_LIKE
+                return None
+        return cfg.get("model_type")
+
+    @classmethod
+    def claims(cls, source: str) -> bool:
+        kind = cls._model_type(source)
+        return kind in cls.model_types or (cls is BertAdapter and kind in REFUSED)
 
     @classmethod
     def load(cls, source: str, num_labels: int | None = None) -> "BertAdapter":
@@ -135,6 +215,9 @@ class BertAdapter(HookedAdapter):
         hf_logging.disable_progress_bar()
 
         config = AutoConfig.from_pretrained(source, **NO_REMOTE_CODE)
+        if config.model_type in REFUSED:
+            raise OptinError(f"model {source!r} is {config.model_type} (config.json model_type): "
+                             f"{REFUSED[config.model_type]}")
         archs = config.architectures or []
         if num_labels is not None:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -161,9 +244,9 @@ class BertAdapter(HookedAdapter):
             batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
         return batch
 
-    @staticmethod
-    def _inputs(batch: Batch) -> Batch:
-        return {k: v for k, v in batch.items() if k != "labels"}
+    def _inputs(self, batch: Batch) -> Batch:
+        take = self.layout.inputs
+        return {k: v for k, v in batch.items() if k != "labels" and (take is None or k in take)}
 
     def logits(self, batch: Batch) -> torch.Tensor:
         out = self.model(**self._inputs(batch))
@@ -175,14 +258,14 @@ class BertAdapter(HookedAdapter):
 
     # --- units -----------------------------------------------------------------------------------
     def unit_counts(self) -> dict[str, list[int]]:
-        return {"heads": [int(l.attention.self.num_attention_heads) for l in self.layers],
-                "neurons": [int(l.intermediate.dense.out_features) for l in self.layers]}
+        n = range(len(self.layers))
+        return {"heads": [int(self._part(i, "attention_out").in_features) // self.head_dim for i in n],
+                "neurons": [int(self._part(i, "ffn_in").out_features) for i in n]}
 
     def _site(self, kind: str, layer: int) -> UnitSite:
-        block = self.layers[layer]
         if kind == "heads":
-            return UnitSite(block.attention.output.dense, self.head_dim)
-        return UnitSite(block.output.dense)
+            return UnitSite(self._part(layer, "attention_out"), self.head_dim)
+        return UnitSite(self._part(layer, "ffn_out"))
 
     def valid_tokens(self, batch: Batch) -> torch.Tensor | None:
         mask = batch.get("attention_mask")
@@ -198,21 +281,23 @@ class BertAdapter(HookedAdapter):
     def unit_weights(self) -> dict[str, list[torch.Tensor]]:
         heads, neurons = [], []
         d = self.head_dim
-        for l in self.layers:
-            att, out = l.attention.self, l.attention.output.dense
-            n = int(att.num_attention_heads)
+        for i in range(len(self.layers)):
+            att, out = self._part(i, "self_attention"), self._part(i, "attention_out")
+            n = out.in_features // d
             if n:
-                qkv = [getattr(att, p).weight.reshape(n, d * self.hidden) for p in ("query", "key", "value")]
+                qkv = [getattr(att, p).weight.reshape(n, d * self.hidden) for p in self.layout.projections
+                       if isinstance(getattr(att, p, None), nn.Linear)]
                 o = out.weight.reshape(self.hidden, n, d).permute(1, 0, 2).reshape(n, -1)
                 heads.append(torch.cat([*qkv, o], dim=1).detach())
             else:
                 heads.append(torch.zeros(0, 4 * d * self.hidden))
-            neurons.append(torch.cat([l.intermediate.dense.weight, l.output.dense.weight.t()], dim=1).detach())
+            neurons.append(torch.cat([self._part(i, "ffn_in").weight, self._part(i, "ffn_out").weight.t()],
+                                     dim=1).detach())
         return {"heads": heads, "neurons": neurons}
 
     # --- trajectory ------------------------------------------------------------------------------
     def embedding_module(self, z: int) -> nn.Module:
-        return self.layers[z].output.dense
+        return self._part(z, "ffn_out")
 
     chunk_size = 8  # examples per length-sorted chunk in trace/run_from (0 = no chunking)
 
@@ -242,9 +327,9 @@ class BertAdapter(HookedAdapter):
             handles.append(l.register_forward_pre_hook(
                 lambda m, a, k, i=i: rec["inputs"].__setitem__(i, a[0] if a else k["hidden_states"]),
                 with_kwargs=True))
-            handles.append(l.attention.register_forward_hook(
-                lambda m, a, o, i=i: rec["attention"].__setitem__(i, o[0])))
-            handles.append(l.output.dense.register_forward_hook(
+            handles.append(self._part(i, "ffn_in").register_forward_pre_hook(  # the attention's output
+                lambda m, a, i=i: rec["attention"].__setitem__(i, a[0])))
+            handles.append(self._part(i, "ffn_out").register_forward_hook(
                 lambda m, a, o, i=i: rec["emb"].__setitem__(i, o)))
         with removing(handles):
             rec["logits"] = self.logits(inputs)
@@ -285,29 +370,37 @@ class BertAdapter(HookedAdapter):
         for chunk in trace.state["chunks"]:
             if kind == "heads":
                 seen: dict[str, torch.Tensor] = {}
-                dense = block.attention.output.dense
+                dense = self._part(layer, "attention_out")
                 h = dense.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+                args, kwargs = self._attention_args(chunk)
                 with removing([h]):
-                    block.attention(chunk["starts"][layer], **self._mask_kwargs(chunk))
+                    block.attention(chunk["starts"][layer], *args, **kwargs)
                 x = seen["x"]
                 parts.append({"x": x, "base": dense(x)})
             else:
-                a = block.intermediate(chunk["attention"][layer])
-                parts.append({"x": a, "base": block.output.dense(a)})
+                a = self._part(layer, "activation")(self._part(layer, "ffn_in")(chunk["attention"][layer]))
+                parts.append({"x": a, "base": self._part(layer, "ffn_out")(a)})
         trace.state["layer_cache"] = (key, parts)
         return parts
 
-    def _mask_kwargs(self, chunk: dict) -> dict:
-        """The attention mask a BertAttention call needs for this chunk, as the model's own forward builds it."""
-        cached = chunk.get("attention_kwargs")
+    def _attention_args(self, chunk: dict) -> tuple[tuple, dict]:
+        """The arguments after the hidden states that a layer's ``attention`` call takes for this chunk (the
+        attention mask, and relative positions where the layout has them), as the model's own forward builds
+        them."""
+        cached = chunk.get("attention_args")
         if cached is None:
             seen: dict[str, Any] = {}
             h = self.layers[0].attention.register_forward_pre_hook(
-                lambda m, a, k: seen.update(k, mask=a[1] if len(a) > 1 else k.get("attention_mask")), with_kwargs=True)
+                lambda m, a, k: seen.update(args=tuple(a[1:]), kwargs=dict(k)), with_kwargs=True)
             with removing([h]), torch.no_grad():
                 self.logits(chunk["inputs"])
-            cached = chunk["attention_kwargs"] = {"attention_mask": seen["mask"]}
+            cached = chunk["attention_args"] = (seen["args"], seen["kwargs"])
         return cached
+
+    def _feed_forward(self, layer: int, attention: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s output from its attention output (the FFN half, eval mode)."""
+        ffn = self._part(layer, "ffn_out")(self._part(layer, "activation")(self._part(layer, "ffn_in")(attention)))
+        return self._part(layer, "ffn_norm")(ffn + attention)
 
     @torch.no_grad()
     def _block_output(self, chunk: dict, part: dict, kind: str, layer: int, masks: torch.Tensor
@@ -319,17 +412,16 @@ class BertAdapter(HookedAdapter):
         x, base = part["x"], part["base"]
         b, t = x.shape[:2]
         if kind == "heads":
-            dense = block.attention.output.dense
+            dense = self._part(layer, "attention_out")
             out = base.unsqueeze(0) - masked_delta(x.reshape(b * t, -1), dense.weight, masks, self.head_dim
                                                    ).reshape(reps, b, t, -1)
-            so = block.attention.output
             start = chunk["starts"][layer].unsqueeze(0)
-            attention = so.LayerNorm(so.dropout(out) + start).reshape(reps * b, t, -1)
-            return block.feed_forward_chunk(attention), None
-        dense = block.output.dense
+            attention = self._part(layer, "attention_norm")(out + start).reshape(reps * b, t, -1)
+            return self._feed_forward(layer, attention), None
+        dense = self._part(layer, "ffn_out")
         ffn = base.unsqueeze(0) - masked_delta(x.reshape(b * t, -1), dense.weight, masks).reshape(reps, b, t, -1)
         attention = chunk["attention"][layer].unsqueeze(0)
-        out = block.output.LayerNorm(block.output.dropout(ffn) + attention)
+        out = self._part(layer, "ffn_norm")(ffn + attention)
         return out.reshape(reps * b, t, -1), ffn.reshape(reps * b, t, -1)
 
     @torch.no_grad()
@@ -338,16 +430,26 @@ class BertAdapter(HookedAdapter):
         """One chunk's restart at ``layer`` for R masks: ``keep(z, embedding_z)`` for z >= layer; the logits."""
         reps = masks.shape[0]
         inputs = {k: v.repeat(reps, *([1] * (v.dim() - 1))) for k, v in chunk["inputs"].items()}
-        full = self.encoder.layer
-        handles = [self.layers[z].output.dense.register_forward_hook(lambda m, a, o, z=z: keep(z, o))
+        handles = [self._part(z, "ffn_out").register_forward_hook(lambda m, a, o, z=z: keep(z, o))
                    for z in range(layer, len(self.layers))]
         with removing(handles):
             out, ffn = self._block_output(chunk, part, kind, layer, masks)
             if ffn is not None:
                 keep(layer, ffn)
-            handles.append(self.base.embeddings.register_forward_hook(lambda m, a, o: out))
+            return self._logits_from(inputs, layer + 1, out, chunk)
+
+    def _logits_from(self, inputs: Batch, start: int, hidden: torch.Tensor, chunk: dict) -> torch.Tensor:
+        """The logits of ``inputs`` with the encoder restarted at layer ``start`` on ``hidden`` (the output of
+        layer ``start - 1``): the encoder's input is replaced and its earlier layers are left out."""
+        def restart(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        full = self.encoder.layer
+        with removing([self.encoder.register_forward_pre_hook(restart, with_kwargs=True)]):
             try:
-                self.encoder.layer = nn.ModuleList(self.layers[layer + 1:])
+                self.encoder.layer = nn.ModuleList(self.layers[start:])
                 return self.logits(inputs)
             finally:
                 self.encoder.layer = full
@@ -397,7 +499,8 @@ class BertAdapter(HookedAdapter):
 
     # --- physical removal ------------------------------------------------------------------------
     def prune(self, masks: UnitTensors) -> None:
-        prune_blocks(self.layers, masks, self.kept_index, _slice_heads, _slice_neurons)
+        prune_blocks(self.layers, masks, self.kept_index, partial(_slice_heads, layout=self.layout),
+                     partial(_slice_neurons, layout=self.layout))
 
     def plan(self) -> dict:
         return hf_plan(self)
