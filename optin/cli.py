@@ -21,6 +21,10 @@ from .tasks import known_tasks
 
 DEFAULT_MODEL = "minilm-trec"
 out = Console()
+DATA_HELP = ("Your own data: a CSV/JSONL with columns text,label or image,label (paths relative to the file), an "
+             "image folder DIR/<class>/<image>, or a segmentation folder DIR/images + DIR/masks.")
+EVAL_DATA_HELP = "Your own held-out split (same forms as --data); then all of --data is for calibration."
+CHECKPOINT_HELP = "Weights file (a state dict: .safetensors, .pth, .bin) for --model timm:NAME."
 
 
 class CliError(click.ClickException):
@@ -82,8 +86,9 @@ def common_options(fn=None, *, without: tuple[str, ...] = ()):
         click.option("--model", default=None, help=f"Named model, model folder, optin output or hub id "
                                                    f"[default: {DEFAULT_MODEL}]."),
         click.option("--task", default=None, help="Built-in task (see `optin list`)."),
-        click.option("--data", default=None, type=click.Path(dir_okay=False),
-                     help="Your own labelled CSV/JSONL (columns text, label)."),
+        click.option("--data", default=None, type=click.Path(), help=DATA_HELP),
+        click.option("--eval-data", default=None, type=click.Path(), help=EVAL_DATA_HELP),
+        click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help=CHECKPOINT_HELP),
         click.option("--adapter", default=None, help="Force an adapter instead of auto-detection."),
         click.option("--seed", default=0, show_default=True, type=int),
         click.option("--calib-size", default=128, show_default=True, type=click.IntRange(min=1),
@@ -123,7 +128,8 @@ def list_cmd(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({
             "plugins": [{"kind": i.kind, "name": i.name, "origin": i.origin, "target": i.target,
-                         "available": i.available, "error": i.error, "summary": i.summary} for i in infos],
+                         "available": i.available, "error": i.error, "summary": i.summary,
+                         **({"sources": _sources(i)} if i.kind == "adapter" else {})} for i in infos],
             "tasks": {n: t.description for n, t in tasks.items()},
             "models": {n: m.description for n, m in models.items()},
             "broken_hooks": broken, "conflicts": conflicts}, indent=2))
@@ -135,6 +141,13 @@ def list_cmd(as_json: bool) -> None:
         status = "[green]ok[/green]" if i.available else f"[red]unavailable[/red]: {i.error}"
         table.add_row(i.kind, i.name, i.origin, status, i.summary)
     out.print(table)
+    sources = Table(title="model sources (--model): which adapter loads what")
+    sources.add_column("adapter")
+    sources.add_column("loads")
+    for i in infos:
+        if i.kind == "adapter":
+            sources.add_row(i.name, _sources(i) or "(not said)")
+    out.print(sources)
     t2 = Table(title="tasks (--task) and named models (--model)")
     t2.add_column("kind")
     t2.add_column("name")
@@ -148,6 +161,13 @@ def list_cmd(as_json: bool) -> None:
         out.print(f"[red]hook plugin {name} failed to load[/red]: {why}")
     for name, why in conflicts.items():
         out.print(f"[yellow]{name}[/yellow]: {why}")
+
+
+def _sources(info: registry.PluginInfo) -> str:
+    """What an adapter loads (``Adapter.sources``), '' when unavailable or not said."""
+    if not info.available:
+        return ""
+    return str(getattr(registry.get("adapter", info.name), "sources", "") or "")
 
 
 def _apply_model_defaults(ctx: click.Context, model: str | None, values: dict, options: dict) -> None:
@@ -191,6 +211,9 @@ def prune_options(fn):
                      help="Fraction of MACs to keep, in (0, 1]."),
         click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1)),
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--recover", default="none", show_default=True, metavar="STEPS",
+                     help="After the search, before removal: none, ptf (rearrange,tune), or a comma-separated list "
+                          "of rearrange, tune, reconstruct (least-squares refit of the layers that read pruned units)."),
         click.option("--allow-degenerate", is_flag=True,
                      help="Accept a pruned model that loses every unit of a layer or of a kind (refused without it)."),
         click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,
@@ -259,21 +282,22 @@ def prune(ctx: click.Context, **kw: Any) -> None:
 @cli.command()
 @click.option("--model", required=True, help="Pre-trained model folder or hub id (no head needed).")
 @click.option("--task", default=None)
-@click.option("--data", default=None, type=click.Path(dir_okay=False))
+@click.option("--data", default=None, type=click.Path(), help=DATA_HELP)
+@click.option("--eval-data", default=None, type=click.Path(), help=EVAL_DATA_HELP)
 @click.option("--output", required=True, type=click.Path(file_okay=False))
 @click.option("--epochs", default=2.0, show_default=True, type=float)
 @click.option("--lr", default=1e-4, show_default=True, type=float)
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--adapter", default=None)
-def finetune(model: str, task: str | None, data: str | None, output: str, epochs: float, lr: float,
-             batch_size: int, seed: int, adapter: str | None) -> None:
+def finetune(model: str, task: str | None, data: str | None, eval_data: str | None, output: str, epochs: float,
+             lr: float, batch_size: int, seed: int, adapter: str | None) -> None:
     """Fine-tune a pre-trained encoder on a task so it can be pruned and evaluated."""
     from .measure import accuracy
     from .recipe import batches_of, resolve_task
     from .train import finetune as train
 
-    the_task = resolve_task(task, data, None)
+    the_task = resolve_task(task, data, None, eval_data)
     if the_task.metric == "agreement":
         raise OptinError(f"task {the_task.name!r} is unlabelled (it measures agreement with the unpruned model); "
                          "fine-tuning needs a labelled task")
@@ -286,6 +310,7 @@ def finetune(model: str, task: str | None, data: str | None, output: str, epochs
     if cls is None:
         raise OptinError(f"no adapter can load {model!r} for fine-tuning")
     ad = load_with(cls, model, num_labels=the_task.num_labels)
+    the_task.prepare(ad, model)
     log = train(ad, the_task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     acc = accuracy(ad, batches_of(ad, the_task.examples("test"), 64))
     Path(output).mkdir(parents=True, exist_ok=True)
@@ -300,7 +325,9 @@ def finetune(model: str, task: str | None, data: str | None, output: str, epochs
 @click.option("--compare", "others", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="A pruned/token-reduced model folder (OUTPUT/model of `optin run`); repeatable.")
 @click.option("--task", default=None)
-@click.option("--data", default=None, type=click.Path(dir_okay=False))
+@click.option("--data", default=None, type=click.Path(), help=DATA_HELP)
+@click.option("--eval-data", default=None, type=click.Path(), help="Your own held-out split: the timed batch.")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help=CHECKPOINT_HELP)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
@@ -308,8 +335,9 @@ def finetune(model: str, task: str | None, data: str | None, output: str, epochs
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def bench(model: str | None, others: tuple[str, ...], task: str | None, data: str | None, batch_size: int,
-          repeats: int, warmup: int, threads: int | None, device: str, dtype: str, as_json: bool) -> None:
+def bench(model: str | None, others: tuple[str, ...], task: str | None, data: str | None, eval_data: str | None,
+          checkpoint: str | None, batch_size: int, repeats: int, warmup: int, threads: int | None, device: str,
+          dtype: str, as_json: bool) -> None:
     """Throughput of the original vs pruned / token-reduced models, one process, interleaved, median."""
     import torch
 
@@ -324,10 +352,11 @@ def bench(model: str | None, others: tuple[str, ...], task: str | None, data: st
     if threads:
         torch.set_num_threads(threads)
     source = model or DEFAULT_MODEL
-    the_task = resolve_task(task, data, source)
-    models = {source: load_model(source)}
+    the_task = resolve_task(task, data, source, eval_data)
+    models = {source: load_model(source, checkpoint=checkpoint)}
     for path in others:
         models[path] = load_model(path)
+    the_task.prepare(models[source], source)
     for ad in models.values():
         ad.model.to(device=dev, dtype=dt).eval()
     first = next(iter(models.values()))

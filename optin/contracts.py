@@ -138,7 +138,9 @@ class Adapter(ABC):
     @classmethod
     def load(cls, source: str, num_labels: int | None = None) -> "Adapter":
         """Load the model (and processor) named by ``source``. With ``num_labels``, a model without a
-        matching trained head gets a fresh one (for fine-tuning)."""
+        matching trained head gets a fresh one (for fine-tuning). An adapter that can load an architecture
+        named without weights (``timm:NAME``) from a separate weights file declares a ``checkpoint`` keyword
+        (``--checkpoint FILE``; read without unpickling objects, e.g. ``torch.load(weights_only=True)``)."""
         raise NotImplementedError(f"adapter {cls.name!r} cannot load models by name")
 
     # --- data ------------------------------------------------------------------------------------
@@ -171,6 +173,16 @@ class Adapter(ABC):
         counts (images, unpadded text)."""
         return None
 
+    def image_transform(self) -> Callable[[Any], torch.Tensor] | None:
+        """How an image file becomes this model's input: a callable taking a PIL image of any mode (RGB, L,
+        RGBA, P...) and returning the ``image`` tensor (C, H, W) that ``collate`` stacks, converted to the
+        model's channels (greyscale for one input channel, RGB for three), resized and normalised as the
+        model expects (its own preprocessing config, e.g. timm's ``pretrained_cfg`` or an HF image
+        processor). Image data given as files (``--data DIR``) is decoded with it, so the user passes no
+        sizes or statistics. A segmentation model's transform only resizes (no crop): its masks are resized
+        (nearest) to the transformed image's size. None (the default): the model takes no images."""
+        return None
+
     # --- units -----------------------------------------------------------------------------------
     @abstractmethod
     def unit_counts(self) -> dict[str, list[int]]:
@@ -180,6 +192,16 @@ class Adapter(ABC):
         """Where the units of ``kind`` in ``layer`` are carried (see ``UnitSite``); None where the layer has
         no units of that kind. Raises OptinError for a kind the adapter does not have."""
         raise NotImplementedError(f"adapter {self.name!r} does not expose where its units live")
+
+    def unit_reader(self, kind: str, layer: int) -> UnitSite | None:
+        """The layer that reads the units of ``kind`` in ``layer``: a Linear or Conv2d whose input features
+        (channels) are the units, ``unit_size`` per unit, in order (for least-squares recovery). Default: the
+        unit site itself when it is the input of such a layer (transformers' output projections); adapters
+        whose units are read further on (a CNN's next convolution) override it. None: no such layer."""
+        site = self.unit_site(kind, layer)
+        if site is not None and not site.output and isinstance(site.module, (nn.Linear, nn.Conv2d)):
+            return site
+        return None
 
     @abstractmethod
     @contextmanager

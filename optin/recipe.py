@@ -28,6 +28,7 @@ from .measure import evaluate, params, throughput
 from .outputs import MODEL, PARTIAL, REPORT, SCORES, OutputFolder
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
+from .recovery import parse_steps, recover
 from .rankings import Checkpoint, Scores, check_unit_tensors, fingerprint
 from .scales import to_common_scale
 from .tasks import Task, file_task, get_task, known_tasks, sample
@@ -61,11 +62,17 @@ def batches_of(adapter: Adapter, examples: list[dict], batch_size: int, device: 
     return [to_device(b, dev, dt) for b in batches]
 
 
-def resolve_task(task: str | Task | None, data: str | None, model_source: str | None) -> Task:
+def resolve_task(task: str | Task | None, data: str | None, model_source: str | None,
+                 eval_data: str | None = None) -> Task:
+    """The task: a Task, the user's ``data`` (with ``eval_data``, their own held-out split), a built-in
+    task, or the named model's task."""
     if isinstance(task, Task):
         return task
+    if eval_data and not data:
+        raise OptinError("--eval-data is the held-out split of your own --data: pass --data FILE too (its examples "
+                         "are used for calibration, the --eval-data examples only for evaluation)")
     if data:
-        return file_task(data)
+        return file_task(data, eval_path=eval_data)
     if task:
         return get_task(task)
     named = named_models()
@@ -200,13 +207,6 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
                        {"seq_len": seq_len, "kept": kept_counts(masks)})
 
 
-@torch.no_grad()
-def _max_diff(reference: Adapter, masks: UnitTensors, pruned: Adapter, batch: Batch) -> float:
-    with reference.masked(masks):
-        expected = reference.logits(batch)
-    return float((pruned.logits(batch) - expected).abs().max())
-
-
 def check_target(adapter: Adapter, task: Task, source: str) -> None:
     """A segmentation model needs a segmentation task and a classifier a classification task."""
     if adapter.output == task.target:
@@ -233,8 +233,9 @@ def check_examples(adapter: Adapter, task: Task, source: str) -> None:
         need = f"a field {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else f"other examples ({exc})"
         kinds = sorted(n for n, t in known_tasks().items() if t.target == adapter.output and t.kind != task.kind)
         raise OptinError(f"model {source!r} (adapter {adapter.name!r}) cannot read the examples of task {task.name!r}: "
-                         f"they have fields {fields} but it needs {need}; --data files are text (columns text, "
-                         f"label): use a task of this model's kind{' (' + ', '.join(kinds) + ')' if kinds else ''}") \
+                         f"they have fields {fields} but it needs {need}; --data takes text (columns text,label) or "
+                         "images (a class folder, a CSV/JSONL with columns image,label, a segmentation folder): use "
+                         f"data of this model's kind{' (or ' + ', '.join(kinds) + ')' if kinds else ''}") \
             from None
 
 
@@ -293,6 +294,8 @@ class RunConfig:
     model: str | None = None
     task: str | Task | None = None
     data: str | None = None
+    eval_data: str | None = None  # the user's own held-out split (then all of ``data`` is for calibration)
+    checkpoint: str | None = None  # a weights file for an architecture named without weights (timm:NAME)
     scorer: str = "trajectory"
     searcher: str = "ptf"
     reducer: str | None = None
@@ -311,6 +314,7 @@ class RunConfig:
     allow_degenerate: bool = False  # accept a search result that empties a layer or a kind, or removes every unit
     device: str = "cpu"
     dtype: str = "float32"
+    recover: str = "none"  # recovery steps after the search: none, ptf, or rearrange/tune/reconstruct (comma-separated)
 
     def checked(self) -> "RunConfig":
         """A copy with the budget and sizes validated (the only place a run checks them)."""
@@ -324,6 +328,7 @@ class RunConfig:
         cfg.model = self.model or "minilm-trec"
         resolve_device(self.device)
         resolve_dtype(self.dtype)
+        parse_steps(self.recover)
         return cfg
 
 
@@ -360,11 +365,12 @@ def choose_plugins(cfg: RunConfig) -> Plugins:
 
 def load_stage(cfg: RunConfig) -> tuple[Adapter, Task]:
     """The model (in eval mode) and the task, checked against each other."""
-    the_task = resolve_task(cfg.task, cfg.data, cfg.model)
+    the_task = resolve_task(cfg.task, cfg.data, cfg.model, cfg.eval_data)
     say(f"[bold]model[/bold] {cfg.model}   [bold]task[/bold] {the_task.name}   "
         f"[bold]scorer[/bold] {cfg.scorer}   [bold]searcher[/bold] {cfg.searcher}   [bold]budget[/bold] {cfg.budget}"
         + (f"   [bold]reducer[/bold] {cfg.reducer}" if cfg.reducer else ""))
-    ad = load_model(cfg.model, cfg.adapter)
+    ad = load_model(cfg.model, cfg.adapter, cfg.checkpoint)
+    the_task.prepare(ad, cfg.model)  # image files: decoded with the model's preprocessing
     if cfg.reducer is not None:
         require_tokens(ad, cfg.reducer)  # fail before any scoring work
     check_target(ad, the_task, cfg.model)
@@ -416,14 +422,25 @@ def search_stage(ad: Adapter, scores: Scores | None, cfg: RunConfig, plugins: Pl
 
 
 def apply_stage(ad: Adapter, masks: UnitTensors, calib: list[Batch], check: Batch, cfg: RunConfig
-                ) -> tuple[Adapter, dict]:
-    """Physically remove the masked units (in place) and check the result against the masked original on
-    ``check``; then re-estimate stale statistics. Returns the unpruned original and what was done."""
+                ) -> tuple[Adapter, UnitTensors, dict]:
+    """Recover (``cfg.recover``: PTF's rearrangement/tuning or least-squares reconstruction, on the masked
+    model), physically remove the masked units (in place), check the result against the recovered masked
+    model on ``check``, then re-estimate stale statistics. Returns the unpruned original, the final masks
+    (rearrangement may change which units go) and what was done."""
     original = copy.deepcopy(ad)
+    steps = parse_steps(cfg.recover)
+    t0 = time.perf_counter()
+    with bar("recovering", total=None) as (advance, _):
+        masks, recovery = recover(ad, original, masks, calib, steps, advance=advance)
+    recovery["seconds"] = time.perf_counter() - t0
+    with torch.no_grad(), ad.masked(masks):
+        expected = ad.logits(check)
     ad.prune(masks)
-    diff = _max_diff(original, masks, ad, check)
+    with torch.no_grad():
+        diff = float((ad.logits(check) - expected).abs().max())
     recalibrated = bool(cfg.recalibrate) and ad.recalibrate(calib)  # after the removal == masking check
-    return original, {"max_abs_diff_vs_masked": diff, "recalibrated": recalibrated}
+    return original, masks, {"max_abs_diff_vs_masked": diff, "recalibrated": recalibrated,
+                             "recover": list(steps), "recovery": recovery}
 
 
 def token_stage(ad: Adapter, scores: Scores | None, cfg: RunConfig, plugins: Plugins, costs: CostModel,
@@ -510,12 +527,12 @@ def run_stages(cfg: RunConfig, plugins: Plugins, out: Path, t_start: float) -> d
                        cfg.dtype)
     seq_len = ad.seq_len(evals)
     masks, costs = search_stage(ad, scores, cfg, plugins, seq_len)
-    original, applied = apply_stage(ad, masks, calib, evals[0], cfg)
+    original, masks, applied = apply_stage(ad, masks, calib, evals[0], cfg)
     removals, token_macs = token_stage(ad, scores, cfg, plugins, costs, seq_len)
     macs_after = token_macs if token_macs is not None else costs.macs_of_masks(masks)
     measured = evaluate_stage(original, ad, evals, the_task, cfg.device)
     report = {
-        "model": cfg.model, "adapter": ad.name, "task": the_task.name,
+        "model": cfg.model, "adapter": ad.name, "task": the_task.name, "eval_split": the_task.eval_split,
         "scorer": scores.scorer if scores is not None else cfg.scorer, "searcher": plugins.searcher,
         "reducer": cfg.reducer, "budget": cfg.budget, "seed": cfg.seed,
         "calibration_examples": sum(ad.batch_size(b) for b in calib),

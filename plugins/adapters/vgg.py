@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from optin.contracts import UnitSite
 from optin.errors import OptinError
 
 from .cnn_common import ConvChannelAdapter, ConvLayer, Op, as_hw, conv_out, feature_ops, folder_config, load_weights
@@ -196,6 +197,19 @@ class VggAdapter(ConvChannelAdapter):
 
     def stages(self) -> list[nn.Module]:
         return list(self.model.features)
+
+    def unit_reader(self, kind: str, layer: int) -> UnitSite | None:
+        """The next convolution reads a layer's channels; after the last one, the classifier's first Linear
+        (each channel owns its pooled positions: ``in_features / channels`` consecutive inputs)."""
+        self.check_kind(kind)
+        if layer + 1 < len(self.layers):
+            return UnitSite(self.layers[layer + 1].conv, 1, dim=1)
+        first = next(m for m in self.model.classifier.modules() if isinstance(m, nn.Linear)) \
+            if isinstance(self.model.classifier, nn.Module) else None
+        channels = self.layers[layer].conv.out_channels
+        if first is None or first.in_features % channels:
+            return None
+        return UnitSite(first, first.in_features // channels)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.classifier(torch.flatten(self.model.avgpool(x), 1))

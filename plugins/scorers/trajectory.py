@@ -151,7 +151,7 @@ class TrajectoryScorer(Scorer):
     def __init__(self, temperature: float = 4.0, lambda_kd: float | str = "auto", lambda_contribution: float = 10.0,
                  rows: int = 768, neuron_group: int | str = "auto", tokens_per_forward: int = 32768,
                  kd_divide_by_t: bool = True, kinds: list[str] | None = None, tokens: bool = False,
-                 estimator: str = "auto", probes: int = 16, tokens_per_backward: int = 2048,
+                 estimator: str = "auto", probes: int = 32, tokens_per_backward: int = 2048,
                  target_minutes: float = 5.0) -> None:
         if neuron_group != "auto" and int(neuron_group) < 1:
             raise OptinError(f"neuron_group must be >= 1 (or auto), got {neuron_group}")
@@ -197,42 +197,40 @@ class TrajectoryScorer(Scorer):
     def make_plan(self, adapter: Adapter, kinds: list[str], counts: dict[str, list[int]], n_layers: int,
                   traces: list[Trace], forward_seconds: float) -> Plan:
         """Choose, per kind, exact or Gauss-Newton scoring and the neuron group size, so that the job fits
-        ``target_minutes`` on this machine (estimated from the measured forward time)."""
+        ``target_minutes`` on this machine (estimated from the measured forward time).
+
+        ``estimator="auto"``: every unit exactly when that fits the target; otherwise the few, costly units
+        (heads, tokens) exactly and the many (neurons, channels) by Gauss-Newton, where the adapter supports
+        it; with an explicit ``neuron_group`` exactly in groups (the user asked for exact groups)."""
         supports_gn = type(adapter).forward_embeddings is not Adapter.forward_embeddings
-        # "auto": Gauss-Newton where the adapter supports it, unless the user asked for exact groups
-        exact_asked = self.estimator == "exact" or (self.estimator == "auto" and self.neuron_group != "auto")
-        estimator = {}
-        for kind in kinds:
-            if kind == "tokens" or exact_asked or not supports_gn:
-                estimator[kind] = "exact"
-            else:
-                estimator[kind] = "gauss-newton"
         if self.estimator == "gauss-newton" and not supports_gn:
             raise OptinError(f"adapter {adapter.name!r} does not support the approximate trajectory "
                              "(no forward_embeddings); use estimator=exact")
+        few = ("heads", "tokens")
+        budget = 60 * self.target_minutes
         passes = sum(len(gn.split_examples(int(t.logits.shape[0]), self._examples_per_pass(t))) for t in traces)
-        gn_seconds = forward_seconds * (1 + 2.7 * self.probes) * (1 + 0.2 * (passes - 1)) \
-            if "gauss-newton" in estimator.values() else 0.0
-        group = {k: 1 for k in kinds}
-        exact_units = [k for k in kinds if estimator[k] == "exact"]
 
-        def exact_seconds(sizes: dict[str, int]) -> float:
-            return forward_seconds * sum(len(unit_groups(n, sizes[k])) * restart_cost(n_layers, i, k)
-                                         for k in exact_units for i, n in enumerate(counts[k]))
+        def seconds(estimator: dict[str, str], group: dict[str, int]) -> float:
+            exact = forward_seconds * sum(len(unit_groups(n, group[k])) * restart_cost(n_layers, i, k)
+                                          for k in kinds if estimator[k] == "exact" for i, n in enumerate(counts[k]))
+            approx = forward_seconds * (1 + 2.7 * self.probes) * (1 + 0.2 * (passes - 1)) \
+                if "gauss-newton" in estimator.values() else 0.0
+            return exact + approx
 
-        for k in exact_units:
-            if k in ("heads", "tokens"):
-                continue
-            if self.neuron_group != "auto":
-                group[k] = int(self.neuron_group)
-        budget = 60 * self.target_minutes - gn_seconds
-        if self.neuron_group == "auto":  # the smallest power-of-two groups of neurons/channels that fit
-            while exact_seconds(group) > budget and any(group[k] < 256 for k in exact_units
-                                                        if k not in ("heads", "tokens")):
-                for k in exact_units:
-                    if k not in ("heads", "tokens"):
-                        group[k] = min(256, group[k] * 2)
-        return Plan(estimator, group, self.probes, gn_seconds + exact_seconds(group), forward_seconds)
+        group = {k: 1 if k in few or self.neuron_group == "auto" else int(self.neuron_group) for k in kinds}
+        every = {k: "exact" for k in kinds}
+        if self.estimator == "exact" or not supports_gn or \
+                (self.estimator == "auto" and (self.neuron_group != "auto" or seconds(every, group) <= budget)):
+            estimator = every
+        else:
+            estimator = {k: "exact" if (k in few and self.estimator == "auto") or k == "tokens" else "gauss-newton"
+                         for k in kinds}
+        if self.neuron_group == "auto":  # exact neurons/channels in the smallest power-of-two groups that fit
+            many = [k for k in kinds if estimator[k] == "exact" and k not in few]
+            while many and seconds(estimator, group) > budget and any(group[k] < 256 for k in many):
+                for k in many:
+                    group[k] = min(256, group[k] * 2)
+        return Plan(estimator, group, self.probes, seconds(estimator, group), forward_seconds)
 
     # --- scoring --------------------------------------------------------------------------------
     def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
@@ -248,9 +246,11 @@ class TrajectoryScorer(Scorer):
         if distance not in ("manifold", "feature-mse"):
             raise OptinError(f"adapter {adapter.name!r} asks for trajectory distance {distance!r}; known: manifold, "
                              "feature-mse")
-        t0 = time.perf_counter()
         traces = [adapter.trace(b) for b in batches]
-        forward_seconds = (time.perf_counter() - t0) / max(1, len(batches))
+        t0 = time.perf_counter()  # one warm forward pass, for the plan (the traces paid the first-call costs)
+        with torch.no_grad():
+            adapter.logits(batches[0])
+        forward_seconds = time.perf_counter() - t0
         samples = [_Manifold(tr, self.rows, ctx.seed + b) if distance == "manifold" else _FeatureMSE(tr)
                    for b, tr in enumerate(traces)]
         self.plan = plan = self.make_plan(adapter, kinds, counts, n_layers, traces, forward_seconds)

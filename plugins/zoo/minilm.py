@@ -69,14 +69,8 @@ def _build_into(name: str, target: Path) -> str:
     return publish(tmp, target, MARKER)
 
 
-# Scoring all 9,288 units one by one with the official calibration size (128) takes tens of minutes on
-# 2 CPU cores; groups of 32 neurons bring the default run to about 1.5 minutes (docs/benchmarks.md
-# compares group sizes). `--set neuron_group=1` scores every neuron on its own.
-DEFAULTS = {"options": {"neuron_group": 32}}
-
-
 @hookimpl
 def optin_models() -> dict[str, NamedModel]:
     return {name: NamedModel(name, f"all-MiniLM-L6-v2 fine-tuned on {task} (built on first use)", task,
-                             lambda n=name: build(n), DEFAULTS)
+                             lambda n=name: build(n))
             for name, (task, _, _) in RECIPES.items()}

@@ -142,6 +142,5 @@ def build(name: str = NAME) -> str:
 
 @hookimpl
 def optin_models() -> dict[str, NamedModel]:
-    # scoring 4,608 MLP neurons one by one is slow on CPU: groups of 16 (docs/benchmarks.md used the same)
     return {NAME: NamedModel(NAME, f"ViT (6 layers, 6 heads, 50 tokens) trained on {TASK} (built on first use)",
-                             TASK, build, {"options": {"neuron_group": 16}})}
+                             TASK, build)}

@@ -1,0 +1,354 @@
+"""Recovery after the search, before removal: PTF's later phases and least-squares reconstruction.
+
+Any searcher's masks pass through these steps (``--recover``), in this order:
+
+- ``rearrange`` (PTF mask rearrangement, DESIGN.md 3.8): keep how many units each layer keeps, re-choose
+  which. The damage of removing a set S of one layer's units is ``sum over micro-batches (sum_{j in S}
+  g_j)^2`` with g the loss gradient with respect to the masks (block-diagonal Fisher: interactions inside
+  a layer count); units are swapped in and out, best swap first, while the damage falls.
+- ``tune`` (PTF mask tuning): the kept units of each layer get free scales s so that the layer that reads
+  them reproduces the unpruned model's output on the calibration data: ``min_s ||sum_j s_j X_j W_j^T -
+  (Y - b)||^2`` (a small linear least-squares problem per layer, damped); the scales are folded into the
+  reading layer's weights, so the exported model has no masks.
+- ``reconstruct`` (beyond PTF, DESIGN.md 3.9): the reading layer's weights for its kept inputs and its bias
+  are refit in closed form, ``min ||X_k W'^T + b' - Y||^2 + lam ||W' - W_k||^2``, X_k the kept units'
+  activations computed through the already-recovered earlier layers, Y the unpruned layer's output; lam
+  is chosen by a two-fold split of the calibration rows (fit on one half, score on the other). A reading
+  layer that loses every input keeps only its bias, set to the mean output (FLAP's bias compensation).
+
+Layers are recovered in the order the forward reaches them. The reading layer of a unit kind is
+``Adapter.unit_reader``: the Linear or Conv2d whose input holds the units (attention output projection for
+heads, FFN output projection for neurons, the next convolution for CNN channels). Everything here changes
+weights of the unpruned model in place, consistently with the masks, so removing the units afterwards
+gives exactly the recovered masked model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .contracts import Adapter, Batch, UnitSite
+from .errors import OptinError
+from .gradients import frozen, micro_batches
+from .hooking import removing
+from .units import UnitTensors
+
+STEPS = ("rearrange", "tune", "reconstruct")
+ALIASES = {"none": (), "ptf": ("rearrange", "tune")}
+RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of X^T X
+
+
+def parse_steps(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """``"none"``, ``"ptf"`` (= rearrange,tune) or a comma-separated list of steps, in the order above."""
+    if text is None:
+        return ()
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    steps: list[str] = []
+    for p in parts:
+        if p in ALIASES:
+            steps += ALIASES[p]
+        elif p in STEPS:
+            steps.append(p)
+        else:
+            raise OptinError(f"unknown recovery step {p!r}; use none, ptf, or a comma-separated list of "
+                             f"{', '.join(STEPS)} (e.g. --recover rearrange,reconstruct)")
+    if "tune" in steps and "reconstruct" in steps:
+        raise OptinError("--recover: tune and reconstruct both refit the reading layers; pick one")
+    return tuple(s for s in STEPS if s in steps)
+
+
+# --- pure algorithms on tensors ----------------------------------------------------------------------
+def rearranged(grads: torch.Tensor, removed: torch.Tensor, max_swaps: int | None = None) -> torch.Tensor:
+    """PTF's mask rearrangement for one layer: ``grads`` (micro-batches, n) mask gradients, ``removed`` (n,)
+    bool. Returns a removed set of the same size whose damage ``||sum_{j in S} grads[:, j]||^2`` is lower,
+    swapping one unit in and one out at a time (the best swap each time) while the damage falls."""
+    removed = removed.clone()
+    g = grads.double()
+    n = removed.numel()
+    max_swaps = n if max_swaps is None else max_swaps
+    norms = g.pow(2).sum(0)
+    for _ in range(max_swaps):
+        out_idx, in_idx = torch.nonzero(removed).flatten(), torch.nonzero(~removed).flatten()
+        if not out_idx.numel() or not in_idx.numel():
+            break
+        a = g[:, out_idx].sum(1)
+        # damage(S - i + j) - damage(S) for i removed (rows) and j kept (columns)
+        delta = (norms[out_idx] - 2 * (a @ g[:, out_idx]))[:, None] + \
+            (norms[in_idx] + 2 * (a @ g[:, in_idx]))[None, :] - 2 * (g[:, out_idx].T @ g[:, in_idx])
+        best = int(torch.argmin(delta))
+        i, j = divmod(best, in_idx.numel())
+        if not float(delta[i, j]) < -1e-12 * max(1.0, float(a.pow(2).sum())):
+            break
+        removed[out_idx[i]] = False
+        removed[in_idx[j]] = True
+    return removed
+
+
+def ridge_fit(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, lam: float) -> torch.Tensor:
+    """``argmin_W ||X W^T - Y||^2 + lam ||W - W0||^2`` from ``gram = X^T X`` (p, p) and ``cross = X^T Y``
+    (p, out), the design's last column being the constant 1 of the bias, which is not regularised:
+    ``W^T = (X^T X + lam D)^-1 (X^T Y + lam D W0^T)``, D = diag(1, ..., 1, 0)."""
+    p = gram.shape[0]
+    reg = torch.full((p,), float(lam), dtype=gram.dtype)
+    reg[-1] = 0.0
+    lhs = gram + torch.diag(reg)
+    rhs = cross + reg[:, None] * w0.T.to(gram.dtype)
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, chol).T
+    return torch.linalg.lstsq(lhs, rhs).solution.T
+
+
+def tuned_scales(gram: torch.Tensor, cross_w: torch.Tensor, w: torch.Tensor, unit_size: int, damping: float
+                 ) -> torch.Tensor:
+    """PTF mask tuning for one layer: scales s (k,) of the k kept units minimising
+    ``||sum_j s_j X_j W_j^T - T||^2`` with ``gram = X^T X`` (k*u, k*u), ``cross_w`` (k*u,) =
+    ``diag(X^T T W)`` summed per feature, ``w`` (out, k*u) the reading weights. Normal equations
+    ``G s = c`` with ``G_jl = sum over the unit blocks of (X^T X) * (W^T W)``, damped by ``damping`` x
+    mean(diag G) towards s = 1."""
+    k = gram.shape[0] // unit_size
+    ww = w.double().T @ w.double()
+    g = (gram * ww).reshape(k, unit_size, k, unit_size).sum(dim=(1, 3))
+    c = cross_w.reshape(k, unit_size).sum(1)
+    lam = damping * float(torch.diagonal(g).mean()) if k else 0.0
+    lhs = g + lam * torch.eye(k, dtype=g.dtype)
+    return torch.linalg.solve(lhs, c + lam) if k else c
+
+
+# --- capturing what a reading layer sees ------------------------------------------------------------
+class _Stop(Exception):
+    """Raised by a hook to end a forward once what is needed has been captured."""
+
+
+def design_rows(reader: nn.Module, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a reading layer's input, as a linear map sees them: (rows, in_features) for a Linear
+    (padding positions dropped), (positions, in_channels x kernel) for a Conv2d (``F.unfold``)."""
+    if isinstance(reader, nn.Conv2d):
+        if reader.groups != 1:
+            raise OptinError(f"cannot recover a grouped convolution {reader}")
+        patches = F.unfold(x, reader.kernel_size, reader.dilation, reader.padding, reader.stride)  # (N, C*k*k, L)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    if valid is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(valid.shape):
+        x = x[valid.to(x.device)]
+    return x.reshape(-1, x.shape[-1])
+
+
+def output_rows(reader: nn.Module, y: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """A reading layer's output as rows matching ``design_rows``."""
+    if isinstance(reader, nn.Conv2d):
+        return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    if valid is not None and y.dim() >= 3 and tuple(y.shape[:2]) == tuple(valid.shape):
+        y = y[valid.to(y.device)]
+    return y.reshape(-1, y.shape[-1])
+
+
+def capture(adapter: Adapter, batch: Batch, reader: nn.Module, output: bool) -> torch.Tensor:
+    """The input (or output) of ``reader`` for ``batch``, as rows; the forward stops right after it."""
+    seen: dict[str, torch.Tensor] = {}
+    valid = adapter.valid_tokens(batch)
+
+    def grab(m: nn.Module, args: tuple, out: torch.Tensor | None = None) -> None:
+        seen["x"] = output_rows(m, out, valid) if output else design_rows(m, args[0], valid)
+        raise _Stop
+
+    hook = reader.register_forward_hook(grab) if output else reader.register_forward_pre_hook(grab)
+    with removing([hook]), torch.no_grad():
+        try:
+            adapter.logits(batch)
+        except _Stop:
+            pass
+    if "x" not in seen:
+        raise OptinError(f"adapter {adapter.name!r}: the forward never reached the layer that reads the units")
+    return seen["x"].double()
+
+
+@dataclass
+class Reader:
+    """One reading layer to recover: its kind/layer, the module, and which of its input columns are kept."""
+
+    kind: str
+    layer: int
+    module: nn.Module
+    unit_size: int
+    kept: torch.Tensor  # (n,) bool over the units
+    columns_per_unit: int  # input columns of ``module`` per unit (unit_size, or unit_size x kernel for convs)
+
+    def columns(self) -> torch.Tensor:
+        """The module's input columns owned by the kept units."""
+        idx = torch.nonzero(self.kept).flatten()
+        c = self.columns_per_unit
+        return (idx[:, None] * c + torch.arange(c)[None, :]).flatten()
+
+
+def readers(adapter: Adapter, masks: UnitTensors, batch: Batch) -> list[Reader]:
+    """The reading layers of every (kind, layer) that loses units, in the order the forward reaches them."""
+    found: list[tuple[str, int, UnitSite]] = []
+    for kind, per_layer in masks.items():
+        for layer, mask in enumerate(per_layer):
+            if mask is None or not mask.numel() or bool((mask > 0).all()):
+                continue
+            site = adapter.unit_reader(kind, layer)
+            if site is None:
+                raise OptinError(f"adapter {adapter.name!r} does not say which layer reads its {kind} (layer {layer}); "
+                                 "recovery needs Adapter.unit_reader")
+            found.append((kind, layer, site))
+    order: list[nn.Module] = []
+    handles = [site.module.register_forward_pre_hook(
+        lambda m, a: order.append(m) if not any(m is o for o in order) else None) for _, _, site in found]
+    with removing(handles), torch.no_grad():
+        adapter.logits(batch)
+    rank = {id(m): i for i, m in enumerate(order)}
+    out = []
+    for kind, layer, site in sorted(found, key=lambda f: rank.get(id(f[2].module), len(order))):
+        module = site.module
+        kernel = module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
+        out.append(Reader(kind, layer, module, site.unit_size, masks[kind][layer] > 0, site.unit_size * kernel))
+    return out
+
+
+def _weight_matrix(module: nn.Module) -> torch.Tensor:
+    """A reading layer's weights as (out, in_columns) in ``design_rows`` order."""
+    return module.weight.detach().reshape(module.weight.shape[0], -1)
+
+
+def _set_columns(module: nn.Module, columns: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        flat = module.weight.view(module.weight.shape[0], -1)
+        flat[:, columns] = w.to(flat.dtype)
+        if bias is not None:
+            if module.bias is None:
+                raise OptinError(f"cannot refit the bias of {module}: it has none")
+            module.bias.copy_(bias.to(module.bias.dtype))
+
+
+# --- the stage --------------------------------------------------------------------------------------
+def recover(adapter: Adapter, original: Adapter, masks: UnitTensors, batches: list[Batch], steps: tuple[str, ...],
+            micro_batch: int = 8, advance: Callable[[int], None] = lambda n: None) -> tuple[UnitTensors, dict]:
+    """Run the recovery ``steps`` on ``adapter`` (the unpruned model, changed in place) against ``original``
+    (an unchanged copy). Returns the (possibly rearranged) masks and a record of what was done: per reading
+    layer the relative output error on the calibration rows before and after, and the ridge chosen."""
+    info: dict = {"steps": list(steps), "layers": []}
+    if not steps:
+        return masks, info
+    masks = {k: [m.clone() if m is not None else None for m in v] for k, v in masks.items()}
+    if "rearrange" in steps:
+        masks = _rearrange(adapter, masks, batches, micro_batch)
+    refit = "tune" if "tune" in steps else "reconstruct" if "reconstruct" in steps else None
+    if refit is None:
+        return masks, info
+    todo = readers(adapter, masks, batches[0])
+    with adapter.masked(masks):
+        for r in todo:
+            info["layers"].append(_refit(adapter, original, r, batches, refit))
+            advance(1)
+    return masks, info
+
+
+def _rearrange(adapter: Adapter, masks: UnitTensors, batches: list[Batch], micro_batch: int) -> UnitTensors:
+    """PTF rearrangement of every layer's removed units from per-micro-batch mask gradients of the task loss
+    (labels sampled from the model's own predictions where the data has none)."""
+    counts = adapter.unit_counts()
+    leaves = {k: [torch.ones(n, requires_grad=True) for n in ns] for k, ns in counts.items()}
+    flat = [m for ms in leaves.values() for m in ms]
+    rows: list[list[torch.Tensor]] = [[] for _ in flat]
+    with frozen(adapter.model):
+        for mb in [m for b in batches for m in micro_batches(b, micro_batch)]:
+            with adapter.masked(leaves):
+                loss = _loss(adapter, mb)
+            for acc, g, m in zip(rows, torch.autograd.grad(loss, flat, allow_unused=True), flat):
+                acc.append(g.detach().double().cpu() if g is not None else torch.zeros(m.numel(), dtype=torch.float64))
+    it = iter(rows)
+    out: UnitTensors = {}
+    for kind, ns in counts.items():
+        out[kind] = []
+        for layer in range(len(ns)):
+            g = torch.stack(next(it))
+            mask = masks.get(kind, [None] * len(ns))[layer]
+            if mask is None or not mask.numel():
+                out[kind].append(mask)
+                continue
+            removed = rearranged(g, mask <= 0)
+            out[kind].append((~removed).to(mask.dtype))
+    return {k: out[k] for k in masks}
+
+
+def _loss(adapter: Adapter, batch: Batch) -> torch.Tensor:
+    """The task loss, or (unlabelled data) the cross-entropy against labels drawn from the model's own
+    predictive distribution: its expected Hessian is the model's Fisher."""
+    if "labels" in batch or "masks" in batch:
+        return adapter.loss(batch)
+    logits = adapter.logits(batch)
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach().double(), dim=1).movedim(1, -1)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]).float(), 1,
+                                  generator=torch.Generator().manual_seed(0)).reshape(probs.shape[:-1])
+    return F.cross_entropy(logits, drawn.to(logits.device))
+
+
+def _stats(rows_x: torch.Tensor, rows_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Gram of the design with a column of ones appended, its cross product with the targets, and sum y^2."""
+    x1 = torch.cat([rows_x, torch.ones(rows_x.shape[0], 1, dtype=rows_x.dtype, device=rows_x.device)], 1)
+    return x1.T @ x1, x1.T @ rows_y, float(rows_y.pow(2).sum())
+
+
+def _refit(adapter: Adapter, original: Adapter, r: Reader, batches: list[Batch], how: str) -> dict:
+    """Tune the kept units' scales, or reconstruct the reading layer's kept weights and bias, for one layer."""
+    cols = r.columns()
+    w = _weight_matrix(r.module).double().cpu()
+    bias = r.module.bias.detach().double().cpu() if r.module.bias is not None else None
+    twin = _twin(original, adapter, r.module)
+    halves: list = [None, None]  # statistics of the even and the odd calibration rows
+    for batch in batches:
+        x = capture(adapter, batch, r.module, output=False).cpu()[:, cols]
+        y = capture(original, batch, twin, output=True).cpu()
+        even = torch.arange(x.shape[0]) % 2 == 0
+        for i, sel in enumerate((even, ~even)):
+            got = _stats(x[sel], y[sel])
+            halves[i] = got if halves[i] is None else tuple(a + b for a, b in zip(halves[i], got))
+    (a1, c1, y1), (a2, c2, y2) = halves
+    gram, cross, ysq = a1 + a2, c1 + c2, y1 + y2
+    b0 = bias if bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    wk = torch.cat([w[:, cols], b0[:, None]], 1)
+    record = {"kind": r.kind, "layer": r.layer, "kept": int(r.kept.sum()), "rows": int(gram[-1, -1]),
+              "error_before": _residual(gram, cross, ysq, wk) / max(ysq, 1e-30)}
+    if not cols.numel():  # no input left: the best constant is the mean output (FLAP's bias compensation)
+        if bias is not None:
+            mean = cross[-1] / gram[-1, -1]
+            _set_columns(r.module, cols, w[:, cols], mean)
+            record["error_after"] = _residual(gram, cross, ysq, mean[:, None]) / max(ysq, 1e-30)
+        return record
+    if how == "tune":
+        target = cross[:-1] - gram[:-1, -1:] * b0[None, :]  # X^T (Y - b)
+        s = tuned_scales(gram[:-1, :-1], (target * w[:, cols].T).sum(1), w[:, cols], r.columns_per_unit, 1e-2)
+        new = w[:, cols] * s.repeat_interleave(r.columns_per_unit)[None, :]
+        _set_columns(r.module, cols, new, None)
+        record["error_after"] = _residual(gram, cross, ysq, torch.cat([new, b0[:, None]], 1)) / max(ysq, 1e-30)
+        record["scale_range"] = [float(s.min()), float(s.max())]
+        return record
+    scale = float(torch.diagonal(gram)[:-1].mean())
+    best = min(RIDGES, key=lambda lam: _residual(a2, c2, y2, ridge_fit(a1, c1, wk, lam * scale)) +
+               _residual(a1, c1, y1, ridge_fit(a2, c2, wk, lam * scale)))
+    fitted = ridge_fit(gram, cross, wk, best * scale)
+    _set_columns(r.module, cols, fitted[:, :-1], fitted[:, -1] if bias is not None else None)
+    record["ridge"] = best
+    record["error_after"] = _residual(gram, cross, ysq, fitted) / max(ysq, 1e-30)
+    return record
+
+
+def _residual(gram: torch.Tensor, cross: torch.Tensor, ysq: float, w: torch.Tensor) -> float:
+    """``||X1 W^T - Y||^2`` from the statistics (X1 the design with its column of ones)."""
+    w = w.double()
+    return float(ysq - 2 * (w * cross.T).sum() + (w @ gram @ w.T).trace())
+
+
+def _twin(original: Adapter, adapter: Adapter, module: nn.Module) -> nn.Module:
+    """The module of ``original`` at the same place as ``module`` in ``adapter`` (same qualified name)."""
+    names = {id(m): n for n, m in adapter.model.named_modules()}
+    name = names.get(id(module))
+    if name is None:
+        raise OptinError("the reading layer is not part of the adapter's model")
+    return dict(original.model.named_modules())[name]

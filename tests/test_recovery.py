@@ -1,0 +1,107 @@
+"""Recovery after the search (PTF rearrangement and mask tuning, least-squares reconstruction): the pure
+algorithms on known inputs, and on every adapter the recovered model, physically pruned, equals the
+recovered masked model and reproduces the unpruned layers' outputs better than before."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import optin
+from optin import recovery
+from optin.errors import OptinError
+from tiny_models import ADAPTERS, mmseg_unavailable, tiny
+
+
+# --- the algorithms ---------------------------------------------------------------------------------
+def _damage(g: torch.Tensor, removed: torch.Tensor) -> float:
+    return float(g[:, removed].sum(1).pow(2).sum())
+
+
+def test_rearrangement_keeps_the_count_and_lowers_the_damage():
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(12, 30, generator=g)
+    removed = torch.zeros(30, dtype=torch.bool)
+    removed[:10] = True
+    out = recovery.rearranged(grads, removed)
+    assert int(out.sum()) == 10
+    assert _damage(grads, out) < _damage(grads, removed)
+    # a local optimum: no single swap lowers the damage further
+    for i in torch.nonzero(out).flatten():
+        for j in torch.nonzero(~out).flatten():
+            swapped = out.clone()
+            swapped[i], swapped[j] = False, True
+            assert _damage(grads, swapped) >= _damage(grads, out) - 1e-9
+
+
+def test_rearrangement_finds_units_that_cancel():
+    """Two units whose gradients cancel do no damage together: removing both beats removing a small one."""
+    grads = torch.zeros(4, 3, dtype=torch.float64)
+    grads[:, 0] = torch.tensor([1.0, -2.0, 1.5, 0.5])
+    grads[:, 1] = -grads[:, 0]
+    grads[:, 2] = 0.3
+    start = torch.tensor([True, False, True])
+    assert recovery.rearranged(grads, start).tolist() == [True, True, False]
+
+
+def test_ridge_fit_is_least_squares_and_shrinks_to_the_old_weights():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    w_true, b_true = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    y = x @ w_true.T + b_true
+    x1 = torch.cat([x, torch.ones(200, 1, dtype=torch.float64)], 1)
+    w0 = torch.zeros(3, 6, dtype=torch.float64)
+    fit = recovery.ridge_fit(x1.T @ x1, x1.T @ y, w0, 1e-12)
+    assert torch.allclose(fit[:, :5], w_true, atol=1e-8) and torch.allclose(fit[:, 5], b_true, atol=1e-8)
+    heavy = recovery.ridge_fit(x1.T @ x1, x1.T @ y, torch.cat([w_true * 0.5, b_true[:, None]], 1), 1e12)
+    assert torch.allclose(heavy[:, :5], w_true * 0.5, atol=1e-6)  # the bias is never pulled towards w0
+
+
+def test_tuned_scales_recover_planted_scales():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 8, generator=g, dtype=torch.float64)  # 4 units of size 2
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    planted = torch.tensor([0.5, 1.0, 2.0, 0.0], dtype=torch.float64)
+    target = (x * planted.repeat_interleave(2)) @ w.T
+    gram = x.T @ x
+    cross_w = ((x.T @ target) * w.T).sum(1)
+    s = recovery.tuned_scales(gram, cross_w, w, unit_size=2, damping=1e-10)
+    assert torch.allclose(s, planted, atol=1e-6)
+
+
+def test_steps_parse_and_bad_steps_are_refused():
+    assert recovery.parse_steps("none") == ()
+    assert recovery.parse_steps("ptf") == ("rearrange", "tune")
+    assert recovery.parse_steps("reconstruct,rearrange") == ("rearrange", "reconstruct")
+    with pytest.raises(OptinError, match="unknown recovery step 'retrain'"):
+        recovery.parse_steps("retrain")
+    with pytest.raises(OptinError, match="pick one"):
+        recovery.parse_steps("tune,reconstruct")
+
+
+# --- on every adapter -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("steps", ["reconstruct", "ptf"])
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_recovered_model_pruned_equals_recovered_masked(name, steps):
+    if name == "mmseg-mask2former" and mmseg_unavailable():
+        pytest.skip(mmseg_unavailable())
+    t = tiny(name)
+    ad = t.adapter
+    torch.manual_seed(0)
+    scores = optin.score(ad, [t.batch], "random", seed=3)
+    seq_len = t.seq_len or ad.seq_len([t.batch])
+    masks, _ = optin.search(ad, scores, t.budget, seq_len, allow_degenerate=True)
+    original = copy.deepcopy(ad)
+    new_masks, info = recovery.recover(ad, original, masks, [t.batch], recovery.parse_steps(steps), micro_batch=2)
+    assert [int(m.sum()) for ms in new_masks.values() for m in ms] == \
+        [int(m.sum()) for ms in masks.values() for m in ms]  # rearrangement keeps every layer's count
+    assert info["layers"], "no reading layer was recovered"
+    for rec in info["layers"]:
+        assert rec["error_after"] <= rec["error_before"] + 1e-9, rec  # on the calibration rows
+    with torch.no_grad(), ad.masked(new_masks):
+        expected = ad.logits(t.batch)
+    ad.prune(new_masks)
+    with torch.no_grad():
+        got = ad.logits(t.batch)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), float((got - expected).abs().max())
