@@ -54,22 +54,48 @@ def adapter_for(model: nn.Module, name: str | None = None) -> type[Adapter]:
                      f"{', '.join(registry.names('adapter'))}. Write one (see CONTRIBUTING.md) or pass --adapter")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith((".safetensors", ".bin", ".pt", ".json"))
+    return source.startswith((".", "/", "~")) or source.endswith((*WEIGHT_SUFFIXES, ".json"))
 
 
-def load_model(source: str, adapter: str | None = None) -> Adapter:
-    """Load ``source``: a named model, a folder (HF checkpoint or optin export) or a hub id.
+def takes_checkpoint(cls: type[Adapter]) -> bool:
+    """Whether an adapter's ``load`` takes a separate weights file (``checkpoint=``)."""
+    import inspect
+
+    try:
+        return "checkpoint" in inspect.signature(cls.load).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def load_model(source: str, adapter: str | None = None, checkpoint: str | None = None) -> Adapter:
+    """Load ``source``: a named model, a folder (HF checkpoint or optin export) or a hub id; ``checkpoint``
+    is a weights file for an architecture named without weights (``timm:NAME``).
 
     A folder that asks to run its own code is refused; an adapter's loading failure (truncated weights, a
     config that does not match them) is an OptinError naming the adapter and the file."""
     named = named_models()
+    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        raise OptinError(f"checkpoint {checkpoint!r} is not a file; pass the weights file (a state dict: "
+                         ".safetensors, .pth or .bin) of the architecture given with --model timm:NAME")
     if source in named:
+        if checkpoint is not None:
+            raise OptinError(f"--checkpoint does not apply to the named model {source!r}, which has its weights; "
+                             "pass --model timm:NAME --checkpoint FILE")
         source = named[source].build()
     path = Path(source).expanduser()
+    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+        raise OptinError(f"{source!r} is a weights file, which does not say which architecture it belongs to; pass "
+                         f"--model timm:ARCHITECTURE --checkpoint {source} (a timm state dict), or a model folder "
+                         "with config.json (e.g. written by timm.models.save_for_hf or save_pretrained)")
     if path.exists():
         refuse_remote_code(path)
         if is_pruned_dir(path):
+            if checkpoint is not None:
+                raise OptinError(f"--checkpoint does not apply to {source!r}, a pruned optin output with its weights")
             return load_pruned(path)
         source = str(path)
     elif _looks_like_path(source):
@@ -79,7 +105,15 @@ def load_model(source: str, adapter: str | None = None) -> Adapter:
     for name in candidates:
         cls = registry.get("adapter", name)
         if cls.claims(source):
-            return load_with(cls, source)
+            if checkpoint is None:
+                return load_with(cls, source)
+            if not takes_checkpoint(cls):
+                takers = [i.name for i in registry.plugins("adapter")
+                          if i.available and takes_checkpoint(registry.get("adapter", i.name))]
+                raise OptinError(f"adapter {cls.name!r} loads {source!r} with its own weights and takes no --checkpoint; "
+                                 f"--checkpoint is for architectures named without weights (adapters: "
+                                 f"{', '.join(takers) or 'none'}, e.g. --model timm:NAME)")
+            return load_with(cls, source, checkpoint=str(Path(checkpoint).expanduser()))
     where = f"the folder ({folder_summary(path)})" if path.exists() else "the Hugging Face hub (offline?)"
     raise OptinError(f"no adapter handles model {source!r} (looked in {where}); installed adapters: "
                      f"{adapter_coverage()}; named models: {', '.join(sorted(named)) or 'none'}")

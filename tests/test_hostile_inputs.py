@@ -529,7 +529,7 @@ def test_a_text_data_file_given_to_an_image_model(tmp_path):
     data = tmp_path / "images.csv"
     data.write_text("text,label\n" + "".join(f"/photos/{i}.png,{'cat' if i % 2 else 'dog'}\n" for i in range(10)))
     one_error(invoke("run", "--model", folder, "--data", data, "--output", tmp_path / "out", *SMALL),
-              "cannot read the examples", "needs a field 'image'", "fashion-mnist")
+              "task 'images' is text", "takes images", "DIR/<class>/<image>", "columns image,label")
 
 
 # --- first-time builds of a named model at once (list 7) ---------------------------------------------

@@ -141,5 +141,5 @@ def test_clear_errors(tmp_path):
         optin.load_pruned(tmp_path / "bare")
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "config.json").write_text(json.dumps({"timm_class": "SwinTransformer", "model_args": {}}))
-    with pytest.raises(OptinError, match="model.safetensors is missing"):
+    with pytest.raises(OptinError, match="neither model.safetensors nor pytorch_model.bin"):
         SwinAdapter.load(str(tmp_path / "x"))

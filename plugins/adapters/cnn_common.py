@@ -246,6 +246,12 @@ class ConvChannelAdapter(HookedAdapter):
     def collate(self, examples: list[dict]) -> Batch:
         return image_collate(examples)
 
+    def image_transform(self):  # noqa: D102 (see Adapter.image_transform): the folder's image_size, mean, std
+        from .image_io import resize_normalize
+
+        stats = self.processor if isinstance(self.processor, dict) else {}
+        return resize_normalize(self.hw(), stats.get("mean"), stats.get("std"), int(self.layers[0].conv.in_channels))
+
     def logits(self, batch: Batch) -> torch.Tensor:
         return self.model(self._see(batch))
 
@@ -352,8 +358,9 @@ class ConvChannelAdapter(HookedAdapter):
             self.model.train(was_training)
 
     def plan(self) -> dict:
+        stats = {k: self.processor.get(k) for k in ("mean", "std")} if isinstance(self.processor, dict) else {}
         return {"spec": self.base_spec, "unit_counts": self.unit_counts(), "kept_index": self.kept_index,
-                "image_size": list(self.hw())}
+                "image_size": list(self.hw()), **{k: v for k, v in stats.items() if v is not None}}
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "ConvChannelAdapter":
@@ -362,7 +369,8 @@ class ConvChannelAdapter(HookedAdapter):
                 model = cls.from_spec(plan["spec"])
         except (KeyError, TypeError, ValueError) as exc:
             raise OptinError(f"cannot rebuild the {cls.name} model from its plan: {type(exc).__name__}: {exc}") from exc
-        return cut_to_plan(cls(model.eval(), image_size=plan.get("image_size")), plan)
+        stats = {k: plan.get(k) for k in ("mean", "std")}  # the image statistics, for image_transform
+        return cut_to_plan(cls(model.eval(), stats, image_size=plan.get("image_size")), plan)
 
 
 # --- model folders (config.json + model.safetensors) --------------------------------------------------

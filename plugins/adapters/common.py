@@ -206,8 +206,24 @@ class HFImageClassifier:
     def load(cls, source: str, num_labels: int | None = None):
         from transformers import AutoModelForImageClassification
 
+        from .image_io import hf_image_processor
+
         kw = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
-        return cls(AutoModelForImageClassification.from_pretrained(source, **kw, **NO_REMOTE_CODE).eval())
+        model = AutoModelForImageClassification.from_pretrained(source, **kw, **NO_REMOTE_CODE).eval()
+        return cls(model, hf_image_processor(source))
+
+    def image_transform(self):  # noqa: D102 (see Adapter.image_transform): the folder's image processor
+        from .image_io import hf_transform
+
+        if getattr(self, "_image_transform", None) is None:
+            cfg = self.model.config
+            self._image_transform = hf_transform(self.processor, cfg, int(getattr(cfg, "num_channels", 3)),
+                                                 name=f"adapter {self.name}")
+        return self._image_transform
+
+    def save_extras(self, directory: str) -> None:
+        if hasattr(self.processor, "save_pretrained"):  # the image processor travels with the pruned model
+            self.processor.save_pretrained(directory)
 
     def collate(self, examples: list[dict]) -> Batch:
         return image_collate(examples)

@@ -152,4 +152,6 @@ class HFSwinAdapter(HFImageClassifier, HookedAdapter):
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "HFSwinAdapter":
-        return cut_to_plan(cls(hf_model_from_plan(plan)), plan)
+        from .image_io import hf_image_processor
+
+        return cut_to_plan(cls(hf_model_from_plan(plan), hf_image_processor(directory)), plan)

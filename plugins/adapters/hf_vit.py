@@ -148,4 +148,6 @@ class HFVitAdapter(HFImageClassifier, HookedAdapter):
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "HFVitAdapter":
-        return cut_to_plan(cls(hf_model_from_plan(plan)), plan)
+        from .image_io import hf_image_processor
+
+        return cut_to_plan(cls(hf_model_from_plan(plan), hf_image_processor(directory)), plan)

@@ -149,7 +149,9 @@ class Mask2FormerAdapter(HookedAdapter):
             model = Mask2FormerForUniversalSegmentation.from_pretrained(source, **kw, **NO_REMOTE_CODE).eval()
         except (OSError, ValueError) as exc:
             raise OptinError(f"cannot load a Mask2Former model from {source!r}: {exc}") from exc
-        return cls(model, image_size=cls._folder_image_size(source))
+        from .image_io import hf_image_processor
+
+        return cls(model, hf_image_processor(source), image_size=cls._folder_image_size(source))
 
     @staticmethod
     def _folder_image_size(source: str) -> tuple[int, int] | None:
@@ -393,9 +395,20 @@ class Mask2FormerAdapter(HookedAdapter):
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "Mask2FormerAdapter":
-        adapter = cls(hf_model_from_plan(plan), image_size=plan.get("image_size"),
+        from .image_io import hf_image_processor
+
+        adapter = cls(hf_model_from_plan(plan), hf_image_processor(directory), image_size=plan.get("image_size"),
                       decoder_neurons=bool(plan.get("decoder_neurons", False)))
         return cut_to_plan(adapter, plan)
+
+    def image_transform(self):  # noqa: D102 (see Adapter.image_transform): a plain resize (masks follow it)
+        from .image_io import hf_transform
+
+        if getattr(self, "_image_transform", None) is None:
+            self._image_transform = hf_transform(self.processor, self.backbone.config, self.in_channels,
+                                                 image_size=self.image_size, name=f"adapter {self.name}",
+                                                 resize_only=True)
+        return self._image_transform
 
     def save_extras(self, directory: str) -> None:
         if hasattr(self.processor, "save_pretrained"):

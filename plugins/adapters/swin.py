@@ -22,9 +22,9 @@ from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
 from . import swin_blocks as sb
-from .common import HookedAdapter, config_json, cut_to_plan, trace_blocks
+from .common import HookedAdapter, cut_to_plan, trace_blocks
 from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads, timm_head_dim
-from .timm_io import TimmImageClassifier, timm_from_config
+from .timm_io import TimmImageClassifier, claims_timm, timm_from_config
 
 
 def _blocks_of(model: nn.Module) -> list[tuple[int, int, nn.Module]] | None:
@@ -57,7 +57,8 @@ class SwinAdapter(TimmImageClassifier, HookedAdapter):
     """timm SwinTransformer classifiers: attention heads and MLP neurons of every block."""
 
     name = "swin"
-    sources = "timm:swin* hub ids, timm folders (config.json timm_class SwinTransformer)"
+    sources = ("timm Swin: timm:swin* (hub weights, or --checkpoint FILE), folders written by "
+               "timm.models.save_for_hf, optin timm folders (config.json timm_class SwinTransformer)")
     unit_kinds = ("heads", "neurons")
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
@@ -78,9 +79,7 @@ class SwinAdapter(TimmImageClassifier, HookedAdapter):
 
     @classmethod
     def claims(cls, source: str) -> bool:
-        if source.startswith("timm:"):
-            return source[5:].startswith("swin")
-        return (config_json(source) or {}).get("timm_class") == "SwinTransformer"
+        return claims_timm(source, cls.handles, "swin")
 
     # --- data ------------------------------------------------------------------------------------
     def seq_len(self, batches: list[Batch]) -> float:

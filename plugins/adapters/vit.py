@@ -20,9 +20,9 @@ from optin.contracts import Batch, Reducer, TokenAdapter, TokenScorer, Trace, Un
 from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
-from .common import HookedAdapter, config_json, cut_to_plan, trace_blocks
+from .common import HookedAdapter, cut_to_plan, trace_blocks
 from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads
-from .timm_io import TimmImageClassifier, timm_from_config
+from .timm_io import TimmImageClassifier, claims_timm, timm_from_config
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -132,7 +132,8 @@ class VitAdapter(TimmImageClassifier, HookedAdapter, TokenAdapter):
     """timm VisionTransformer (DeiT/ViT): attention heads, MLP neurons and tokens."""
 
     name = "vit"
-    sources = "timm:NAME hub ids, timm folders (config.json timm_class VisionTransformer + model.safetensors)"
+    sources = ("timm ViT/DeiT: timm:NAME (hub weights, or --checkpoint FILE), folders written by "
+               "timm.models.save_for_hf, optin timm folders (config.json timm_class VisionTransformer)")
     unit_kinds = ("heads", "neurons")
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
@@ -156,10 +157,7 @@ class VitAdapter(TimmImageClassifier, HookedAdapter, TokenAdapter):
 
     @classmethod
     def claims(cls, source: str) -> bool:
-        if source.startswith("timm:"):
-            return True
-        data = config_json(source)
-        return data is not None and ("timm_class" in data or "architecture" in data and "model_type" not in data)
+        return claims_timm(source, _is_vit, "vit")
 
     # --- data ------------------------------------------------------------------------------------
     def seq_len(self, batches: list[Batch]) -> float:
