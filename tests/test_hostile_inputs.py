@@ -153,7 +153,7 @@ def test_no_adapter_message_names_the_model_type_and_what_each_adapter_loads(ws,
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     line = one_error(invoke("run", "--model", folder, "--data", ws["data"], "--output", tmp_path / "out", *SMALL),
                      "model_type 'gpt2'", "GPT2LMHeadModel")
-    assert "bert (HF folders" in line and "model_type vit or deit" in line
+    assert "bert (HF folders" in line and "model_type vit, deit or dinov2" in line
 
 
 # --- scores files (lists 2 and 4) ------------------------------------------------------------------

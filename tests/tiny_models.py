@@ -130,18 +130,31 @@ HF_VIT_ARGS = dict(image_size=28, patch_size=4, num_channels=1, hidden_size=32, 
                    num_attention_heads=4, intermediate_size=64, num_labels=5)
 
 
-def make_hf_vit(kind: str = "vit"):
-    """A 3-layer HF ViT (``kind="vit"``) or DeiT with a teacher head (``"deit"``), eager attention."""
-    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
+def make_hf_vit(kind: str = "vit", num_labels: int = 5):
+    """A 3-layer HF ViT (``kind="vit"``), DeiT with a teacher head (``"deit"``) or DINOv2 classifier (``"dinov2"``:
+    layer scales drawn away from 1, MLP ratio 2), eager attention."""
+    import transformers as tf
 
     from optin_plugins.adapters.hf_vit import HFVitAdapter
 
     torch.manual_seed(0)
-    config_cls, model_cls = (ViTConfig, ViTForImageClassification) if kind == "vit" else \
-        (DeiTConfig, DeiTForImageClassificationWithTeacher)
-    cfg = config_cls(**HF_VIT_ARGS)
+    args = {**HF_VIT_ARGS, "num_labels": num_labels}
+    if kind == "dinov2":
+        args.pop("intermediate_size")
+        cfg, model_cls = tf.Dinov2Config(**args, mlp_ratio=2), tf.Dinov2ForImageClassification
+    else:
+        config_cls, model_cls = (tf.ViTConfig, tf.ViTForImageClassification) if kind == "vit" else \
+            (tf.DeiTConfig, tf.DeiTForImageClassificationWithTeacher)
+        cfg = config_cls(**args)
     cfg._attn_implementation = "eager"
-    return HFVitAdapter(model_cls(cfg).eval())
+    model = model_cls(cfg).eval()
+    if kind == "dinov2":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lambda1"):
+                    p.uniform_(0.5, 1.5)
+    model.config.architectures = [type(model).__name__]
+    return HFVitAdapter(model)
 
 
 # --- Swin (timm and HF) -------------------------------------------------------------------------------

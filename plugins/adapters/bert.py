@@ -408,7 +408,7 @@ class BertAdapter(HookedAdapter):
         """Block ``layer``'s output for R masks at once, from the cached quantities: the masked units'
         contribution is subtracted from the unmasked output projection (``masked_delta``); nothing before
         that point is recomputed. Returns (block output (R*b, t, D), FFN output if ``kind`` is neurons)."""
-        block, reps = self.layers[layer], masks.shape[0]
+        reps = masks.shape[0]
         x, base = part["x"], part["base"]
         b, t = x.shape[:2]
         if kind == "heads":

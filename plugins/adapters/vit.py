@@ -13,16 +13,16 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from optin.contracts import Batch, Reducer, TokenAdapter, TokenScorer, Trace, UnitSite
+from optin.contracts import Batch, Trace, UnitSite
 from optin.errors import OptinError
 from optin.units import CostModel, UnitTensors
 
 from .common import HookedAdapter, cut_to_plan, trace_blocks
 from .heads import prune_blocks, slice_mlp_neurons, slice_timm_heads
 from .timm_io import TimmImageClassifier, claims_timm, timm_from_config
+from .tokens import Halves, ReducibleTokens, attend
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -51,90 +51,37 @@ def attention_forward(attn: nn.Module, x: torch.Tensor, sizes: torch.Tensor | No
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None
-    if sizes is not None:
-        bias = sizes.log()[:, None, None, :].to(q.dtype)
-    if key_mask is not None:
-        km = torch.zeros(B, 1, 1, N, dtype=q.dtype).masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        bias = km if bias is None else bias + km
-    probs = None
-    if need_probs:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        probs = logits.softmax(-1)
-        out = probs @ v
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
+    out, probs = attend(q, k, v, attn.scale, sizes, need_probs, key_mask)
     gate = getattr(attn, "gate", None)
     if gate is not None:
         out = out * gate(x).sigmoid()
     return attn.proj_drop(attn.proj(attn.norm(out))), k.mean(1), probs
 
 
-class _ReducingBlock(nn.Module):
-    """A timm Block that removes ``r`` tokens with a reducer between its attention and its MLP."""
-
-    def __init__(self, block: nn.Module, layer: int, n_layers: int, r: int, reducer: Reducer,
-                 token_scorer: TokenScorer | None, state: dict, protected: int, proportional: bool) -> None:
-        super().__init__()
-        self.block = block
-        self.layer, self.n_layers, self.r = layer, n_layers, r
-        self.reducer, self.token_scorer = reducer, token_scorer
-        self.state, self.protected, self.proportional = state, protected, proportional
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        blk = self.block
-        sizes = self.state.get("sizes")
-        if sizes is None or sizes.shape[:2] != x.shape[:2] or self.layer == 0:
-            sizes = x.new_ones(x.shape[0], x.shape[1])
-        need_probs = self.r > 0 and self.reducer.needs_importance
-        out, metric, probs = attention_forward(blk.attn, blk.norm1(x), sizes if self.proportional else None,
-                                               need_probs)
-        x = x + blk.drop_path1(blk.ls1(out))
-        if self.r > 0:
-            importance = None
-            if self.reducer.needs_importance:
-                if self.token_scorer is None or probs is None:
-                    raise OptinError(f"reducer {self.reducer.name!r} needs a token scorer (e.g. --scorer wpr)")
-                importance = self.token_scorer.token_importance(probs, self.layer, self.n_layers)
-            left = self.r
-            while left > 0:  # one bipartite merge removes at most about half the tokens: repeat
-                n_before = x.shape[1]
-                x, sizes = self.reducer.reduce(x, sizes, left, metric=metric, importance=importance,
-                                               protected=self.protected)
-                removed = n_before - x.shape[1]
-                if removed <= 0:
-                    raise OptinError(f"reducer {self.reducer.name!r} could not remove {left} more tokens at block "
-                                     f"{self.layer} ({n_before} left)")
-                left -= removed
-                if left > 0:  # the similarity metric / importance must follow the remaining tokens
-                    metric = None
-                    if importance is not None:
-                        _, _, probs = attention_forward(blk.attn, blk.norm1(x), None, True)
-                        importance = self.token_scorer.token_importance(probs, self.layer, self.n_layers)
-        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        self.state["sizes"] = sizes
-        return x
+def _attention_half(blk: nn.Module, x: torch.Tensor, sizes: torch.Tensor | None, need_probs: bool,
+                    key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    out, metric, probs = attention_forward(blk.attn, blk.norm1(x), sizes, need_probs, key_mask)
+    return x + blk.drop_path1(blk.ls1(out)), metric, probs
 
 
-def _options_of(plugin: Any) -> dict:
-    """The plugin options an instance was built with (constructor arguments kept as attributes)."""
-    if plugin is None:
-        return {}
-    from optin.registry import option_names
-
-    return {k: getattr(plugin, k) for k in option_names(type(plugin)) if hasattr(plugin, k)}
+def _mlp_half(blk: nn.Module, x: torch.Tensor, embedding: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not embedding:
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), None
+    f = blk.mlp.fc2(blk.mlp.norm(blk.mlp.drop1(blk.mlp.act(blk.mlp.fc1(blk.norm2(x))))))
+    return x + blk.drop_path2(blk.ls2(blk.mlp.drop2(f))), f
 
 
-class VitAdapter(TimmImageClassifier, HookedAdapter, TokenAdapter):
+TIMM_HALVES = Halves(_attention_half, _mlp_half)  # a timm Block's attention and MLP halves
+
+
+class VitAdapter(TimmImageClassifier, HookedAdapter, ReducibleTokens):
     """timm VisionTransformer (DeiT/ViT): attention heads, MLP neurons and tokens."""
 
     name = "vit"
     sources = ("timm ViT/DeiT: timm:NAME (hub weights, or --checkpoint FILE), folders written by "
                "timm.models.save_for_hf, optin timm folders (config.json timm_class VisionTransformer)")
     unit_kinds = ("heads", "neurons")
+    halves = TIMM_HALVES
 
     def __init__(self, model: nn.Module, processor: Any = None) -> None:
         super().__init__(model, processor)
@@ -174,19 +121,7 @@ class VitAdapter(TimmImageClassifier, HookedAdapter, TokenAdapter):
             return UnitSite(b.attn.proj, self.head_dim)
         return UnitSite(b.mlp.fc2)
 
-    def token_counts(self, removals: list[int] | None = None) -> tuple[list[int], list[int]]:
-        """Tokens entering each block's attention and MLP under a schedule of removals per block."""
-        removals = self.removals if removals is None else removals
-        attn, mlp, n = [], [], self.n_tokens
-        for r in removals:
-            attn.append(n)
-            n = max(self.protected + 1, n - int(r))
-            mlp.append(n)
-        return attn, mlp
-
     def cost_model(self, seq_len: float | None = None, removals: list[int] | None = None) -> CostModel:
-        D, d = float(self.dim), float(self.head_dim)
-        attn, mlp = self.token_counts(removals)
         pe = self.model.patch_embed.proj
         patches = self.n_tokens - self.protected
         fixed = patches * pe.out_channels * pe.in_channels * math.prod(pe.kernel_size)
@@ -196,8 +131,7 @@ class VitAdapter(TimmImageClassifier, HookedAdapter, TokenAdapter):
         dist = getattr(self.model, "head_dist", None)
         if isinstance(dist, nn.Linear):
             fixed += dist.in_features * dist.out_features
-        return CostModel(per_unit={"heads": [4 * n * D * d + 2 * n * n * d for n in attn],
-                                   "neurons": [2 * n * D for n in mlp]},
+        return CostModel(per_unit=self.token_unit_costs(float(self.dim), float(self.head_dim), removals),
                          counts=self.unit_counts(), fixed=float(fixed), notes={"tokens": float(self.n_tokens)})
 
     def unit_weights(self) -> dict[str, list[torch.Tensor]]:
@@ -231,23 +165,8 @@ class VitAdapter(TimmImageClassifier, HookedAdapter, TokenAdapter):
     def _run_tokens_removed(self, trace: Trace, layer: int, masks: torch.Tensor,
                             select: Callable[[torch.Tensor], torch.Tensor]
                             ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Remove token positions (mask 0) from block ``layer`` on, emulated exactly by letting no token
-        attend to them; their own (meaningless) embeddings are replaced by the reference so that only
-        the surviving tokens count in the trajectory."""
-        reps, b = masks.shape[0], trace.logits.shape[0]
-        keep = torch.cat([torch.ones(reps, self.protected), masks], 1).bool()  # (R, N)
-        key_mask = keep.repeat_interleave(b, 0)  # (R*B, N)
-        removed = ~key_mask
-        collected: dict[int, torch.Tensor] = {}
-        x = trace.state["starts"][layer].repeat(reps, 1, 1)
-        for z in range(layer, len(self.blocks)):
-            blk = self.blocks[z]
-            out, _, _ = attention_forward(blk.attn, blk.norm1(x), None, False, key_mask)
-            x = x + blk.drop_path1(blk.ls1(out))
-            f = blk.mlp.fc2(blk.mlp.norm(blk.mlp.drop1(blk.mlp.act(blk.mlp.fc1(blk.norm2(x))))))
-            ref = trace.embeddings[z].repeat(reps, 1, 1)
-            collected[z] = select(torch.where(removed[..., None], ref, f))
-            x = x + blk.drop_path2(blk.ls2(blk.mlp.drop2(f)))
+        """Token positions removed from block ``layer`` on (``ReducibleTokens.tokens_removed``), then the head."""
+        collected, x = self.tokens_removed(trace.state["starts"][layer], layer, masks, trace.embeddings, select)
         return collected, self.model.forward_head(self.model.norm(x))
 
     @torch.no_grad()
@@ -268,54 +187,23 @@ class VitAdapter(TimmImageClassifier, HookedAdapter, TokenAdapter):
         return dict(collected), logits
 
     # --- physical removal ------------------------------------------------------------------------
-    def _require_plain(self, what: str) -> None:
-        if any(isinstance(b, _ReducingBlock) for b in self.model.blocks):
-            raise OptinError(f"{what} needs the model without token reduction installed")
-
     def prune(self, masks: UnitTensors) -> None:
         if "neurons" in masks and any(not isinstance(b.mlp.norm, nn.Identity) for b in self.blocks):
             raise OptinError("MLPs with a hidden-layer norm (scale_mlp_norm) cannot be pruned")
         prune_blocks(self.blocks, masks, self.kept_index, slice_timm_heads, slice_mlp_neurons)
 
-    # --- tokens ----------------------------------------------------------------------------------
-    def install_reducer(self, reducer: Reducer, removals: list[int], token_scorer: TokenScorer | None = None,
-                        proportional: bool = True) -> None:
-        """Run ``reducer`` in every block with ``removals[l] > 0`` tokens removed there (0 everywhere =
-        exactly the original model)."""
-        if len(removals) != len(self.blocks):
-            raise OptinError(f"a token schedule needs one entry per block ({len(self.blocks)}), got {len(removals)}")
-        attn, mlp = self.token_counts(removals)
-        removals = [a - m for a, m in zip(attn, mlp)]  # at least one non-protected token always stays
-        state: dict = {}
-        n = len(self.blocks)
-        self.model.blocks = nn.Sequential(*[
-            _ReducingBlock(b, i, n, int(r), reducer, token_scorer, state, self.protected, proportional)
-            for i, (b, r) in enumerate(zip(self.blocks, removals))])
-        self.removals = [int(r) for r in removals]
-        self.reducer_spec = {"reducer": reducer.name, "options": _options_of(reducer),
-                             "token_scorer": getattr(token_scorer, "name", None),
-                             "token_scorer_options": _options_of(token_scorer), "proportional": proportional}
-
-    def remove_reducer(self) -> None:
-        self.model.blocks = nn.Sequential(*self.blocks)
-        self.removals = [0] * len(self.blocks)
-        self.reducer_spec = None
+    # --- tokens (ReducibleTokens) -----------------------------------------------------------------
+    def _set_blocks(self, modules: list[nn.Module]) -> None:
+        self.model.blocks = nn.Sequential(*modules)
 
     # --- persistence -----------------------------------------------------------------------------
     def plan(self) -> dict:
         return {"timm_config": self.timm_config(), "unit_counts": self.unit_counts(), "kept_index": self.kept_index,
-                "removals": self.removals, "reducer": self.reducer_spec}
+                **self.token_plan()}
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "VitAdapter":
         cfg = plan.get("timm_config") or {}
         adapter = cut_to_plan(cls(timm_from_config(cfg, "VisionTransformer"), cfg), plan)
-        spec = plan.get("reducer")
-        if spec:  # the token schedule is part of the architecture: reinstall it
-            from optin import registry
-
-            ts = registry.create("scorer", spec["token_scorer"], spec.get("token_scorer_options") or {}) \
-                if spec.get("token_scorer") else None
-            adapter.install_reducer(registry.create("reducer", spec["reducer"], spec.get("options") or {}),
-                                    plan["removals"], ts, spec.get("proportional", True))
+        adapter.reinstall(plan)  # the token schedule is part of the architecture
         return adapter
