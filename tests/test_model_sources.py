@@ -246,3 +246,24 @@ def test_finetune_an_hf_vit_on_an_image_folder_with_its_own_test_split(tmp_path)
     assert "test accuracy" in res.output
     tuned = load_model(str(tmp_path / "tuned"))
     assert tuned.name == "hf-vit" and tuned.num_classes() == 3  # the folder's classes, a fresh head
+
+
+def test_optin_list_says_which_adapter_loads_which_source():
+    res = invoke("list", "--json")
+    assert res.exit_code == 0, res.output
+    sources = {p["name"]: p["sources"] for p in json.loads(res.output)["plugins"] if p["kind"] == "adapter"}
+    assert "save_for_hf" in sources["vit"] and "--checkpoint" in sources["swin"] and "bert" in sources["bert"]
+    table = invoke("list")
+    assert "model sources" in table.output and "save_for_hf" in table.output
+
+
+def test_compare_takes_a_checkpoint_and_an_eval_split(tmp_path):
+    torch.manual_seed(0)
+    torch.save(timm.create_model("optin_test_swin", num_classes=3).state_dict(), tmp_path / "w.pth")
+    held = image_folder(tmp_path / "held", per_class=2)
+    res = invoke("compare", "--model", "timm:optin_test_swin", "--checkpoint", tmp_path / "w.pth", "--data",
+                 image_folder(tmp_path / "train"), "--eval-data", held, "--scorers", "magnitude", "random",
+                 "--budgets", "0.8", "--output", tmp_path / "cmp", "--quiet", "--no-speed")
+    assert res.exit_code == 0, res.output
+    settings = json.loads((tmp_path / "cmp" / "compare.json").read_text())["settings"]
+    assert settings["adapter"] == "swin" and settings["eval_data"] == str(held)
