@@ -310,6 +310,10 @@ def finetune(model: str, task: str | None, data: str | None, eval_data: str | No
     if cls is None:
         raise OptinError(f"no adapter can load {model!r} for fine-tuning")
     ad = load_with(cls, model, num_labels=the_task.num_labels)
+    if not hasattr(ad.model, "save_pretrained"):  # refused before training, not after it
+        raise OptinError(f"optin finetune writes Hugging Face model folders, and the {type(ad.model).__name__} of "
+                         f"adapter {ad.name!r} has no save_pretrained; fine-tune it with its own library (for timm, "
+                         "save the result with timm.models.save_for_hf and pass that folder as --model)")
     the_task.prepare(ad, model)
     log = train(ad, the_task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     acc = accuracy(ad, batches_of(ad, the_task.examples("test"), 64))

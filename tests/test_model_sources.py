@@ -267,3 +267,10 @@ def test_compare_takes_a_checkpoint_and_an_eval_split(tmp_path):
     assert res.exit_code == 0, res.output
     settings = json.loads((tmp_path / "cmp" / "compare.json").read_text())["settings"]
     assert settings["adapter"] == "swin" and settings["eval_data"] == str(held)
+
+
+def test_finetune_refuses_a_model_it_cannot_save_before_training(tmp_path):
+    save_for_hf(tiny_vit(), tmp_path / "my-vit", model_args=VIT)
+    one_error(invoke("finetune", "--model", tmp_path / "my-vit", "--data", image_folder(tmp_path / "imgs"),
+                     "--output", tmp_path / "tuned"), "VisionTransformer", "adapter 'vit'", "save_for_hf")
+    assert not (tmp_path / "tuned").exists()
