@@ -130,7 +130,7 @@ def check(config: CompareConfig) -> tuple[CompareConfig, list[Combination]]:
         raise OptinError(f"--seeds must be integers, got {list(config.seeds)}") from None
     cfg.recover = _unique([str(r) for r in cfg.recover]) or [NO_RECOVERY]
     if not recovery_supported() and cfg.recover != [NO_RECOVERY]:
-        other = ", ".join(r for r in cfg.recover if r != NO_RECOVERY)
+        other = ", ".join(repr(r) for r in cfg.recover if r != NO_RECOVERY)
         raise OptinError(f"--recover {other}: this version of the recipe has no recovery stage yet; only "
                          f"--recover {NO_RECOVERY} works")
     cfg.reducers = _unique([None if r in (None, "", "none") else str(r) for r in cfg.reducers]) or [None]
