@@ -96,11 +96,6 @@ def _unique(values: list) -> list:
     return list(dict.fromkeys(values))
 
 
-def recovery_supported() -> bool:
-    """Whether this recipe has a recovery stage (``RunConfig.recover``)."""
-    return "recover" in {f.name for f in dataclasses.fields(RunConfig)}
-
-
 @dataclass
 class Combination:
     """One scorer x reducer x recovery setting: its run configuration (budget and seed set per cell) and
@@ -129,10 +124,6 @@ def check(config: CompareConfig) -> tuple[CompareConfig, list[Combination]]:
     except (TypeError, ValueError):
         raise OptinError(f"--seeds must be integers, got {list(config.seeds)}") from None
     cfg.recover = _unique([str(r) for r in cfg.recover]) or [NO_RECOVERY]
-    if not recovery_supported() and cfg.recover != [NO_RECOVERY]:
-        other = ", ".join(repr(r) for r in cfg.recover if r != NO_RECOVERY)
-        raise OptinError(f"--recover {other}: this version of the recipe has no recovery stage yet; only "
-                         f"--recover {NO_RECOVERY} works")
     cfg.reducers = _unique([None if r in (None, "", "none") else str(r) for r in cfg.reducers]) or [None]
     cfg.reference = cfg.reference or cfg.scorers[0]
     if cfg.reference not in cfg.scorers:
@@ -147,7 +138,7 @@ def check(config: CompareConfig) -> tuple[CompareConfig, list[Combination]]:
             registry.get("reducer", name)
     options = dict(cfg.options or {})
     shared = {f.name for f in dataclasses.fields(RunConfig)} & {f.name for f in dataclasses.fields(CompareConfig)}
-    shared -= {"options", "overwrite", "recover"}  # options per combination; the rest is the grid's
+    shared -= {"options", "overwrite", "recover"}  # options per combination; recover is the grid's
     unknown = sorted(set(cfg.extra) - {f.name for f in dataclasses.fields(RunConfig)} | (set(cfg.extra) & shared))
     if unknown:
         raise OptinError(f"unknown run settings {unknown}; see optin.recipe.RunConfig for the fields")
@@ -170,8 +161,8 @@ def check(config: CompareConfig) -> tuple[CompareConfig, list[Combination]]:
             if plugins.token_scorer is None:  # option values, and per-token scores where a token searcher needs them
                 make_scorer(scorer, run.options, plugins.token_scores)
             for rec in cfg.recover:  # the recipe checks the recovery steps (RunConfig.checked)
-                combo_run = dataclasses.replace(run, recover=rec).checked() if recovery_supported() else run
-                combos.append(Combination(scorer, reducer, rec, combo_run, plugins))
+                combos.append(Combination(scorer, reducer, rec, dataclasses.replace(run, recover=rec).checked(),
+                                          plugins))
     return cfg, combos
 
 
@@ -321,10 +312,9 @@ def _cell(ctx: _Context, combo: Combination, budget: float, seed: int, calib: li
     plugins = choose_plugins(run) if combo.plugins.token_scorer is not None else combo.plugins  # its own instance
     ad = copy.deepcopy(ctx.base)
     masks, costs = search_stage(ad, scores, run, plugins, ctx.seq_len)
-    applied_out = apply_stage(ad, masks, calib, ctx.evals[0], run)  # recovers (run.recover), then removes
-    if len(applied_out) == 3:  # a recipe with a recovery stage returns the final masks (rearrangement moves units)
-        masks = applied_out[1]
-    applied = {k: v for k, v in applied_out[-1].items() if k != "recover"}
+    # recover (run.recover) on the masked model, then remove; the final masks (rearrangement moves units)
+    _, masks, applied = apply_stage(ad, masks, calib, ctx.evals[0], run)
+    applied = {"recover_steps" if k == "recover" else k: v for k, v in applied.items()}
     removals, token_macs = token_stage(ad, scores, run, plugins, costs, ctx.seq_len)
     macs_after = token_macs if token_macs is not None else costs.macs_of_masks(masks)
     with bar(f"evaluating {combo.scorer} at {budget} (seed {seed})", total=len(ctx.evals)) as (advance, _):

@@ -185,6 +185,22 @@ def test_an_interrupted_comparison_resumes_without_redoing_finished_cells_or_sco
     assert len(json.loads((out / "compare.json").read_text())["aggregates"]) == 6
 
 
+def test_recovery_settings_reach_the_recipe(workspace, sandbox):
+    out = sandbox / "recover"
+    res = invoke("compare", "--model", workspace["model"], "--data", workspace["data"], "--scorers", "magnitude",
+                 "--budgets", "0.6", "--recover", "none", "reconstruct", *SIZES, "--output", out, "--quiet",
+                 "--no-speed")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    result = json.loads((out / "compare.json").read_text())
+    steps = {c["recover"]: c["recover_steps"] for c in result["cells"]}
+    assert steps == {"none": [], "reconstruct": ["reconstruct"]}
+    assert [r["label"] for r in result["aggregates"]] == ["magnitude recover=none", "magnitude recover=reconstruct"]
+    none, rec = (next(c for c in result["cells"] if c["recover"] == r) for r in ("none", "reconstruct"))
+    assert none["kept"] == rec["kept"] and none["macs_ratio"] == rec["macs_ratio"]
+    assert none["params_after"] == rec["params_after"] and none["recovery"]["layers"] == []
+    assert rec["recovery"]["steps"] == ["reconstruct"] and rec["recovery"]["layers"]  # the recipe's stage ran
+
+
 def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path):
     path = tmp_path / "cells.jsonl"
     path.write_text('{"kind": "settings", "a": 1}\n{"kind": "cell", "key": "x"}\n{"kind": "cell", "ke')
