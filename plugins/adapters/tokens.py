@@ -4,7 +4,7 @@ A reducer runs in every block between attention and MLP (ToMe's placement) on a 
 token sizes (how many patches a token stands for) and proportional attention (``log size`` added to the
 attention logits). An adapter describes its blocks by ``Halves``: how a block's attention half and MLP half
 run on a token tensor; everything else is here: the attention with sizes and key masks (``attend``), the
-wrapping block (``ReducingBlock``), the schedule's token counts, installing, removing and re-installing a
+schedule and the blocks standing in for a model's blocks (``Schedule``, ``ReducingBlock``), the schedule's token counts, installing, removing and re-installing a
 reducer from a plan (``ReducibleTokens``), and the exact emulation of removed token positions that the
 token trajectory (OPTIN A.9) restarts with.
 """
@@ -67,32 +67,36 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, size
     return out.transpose(1, 2).reshape(B, N, H * d), probs
 
 
-class ReducingBlock(nn.Module):
-    """A block that removes ``r`` tokens with a reducer between its attention half and its MLP half."""
+class Schedule:
+    """The blocks of a model run in order, each removing ``removals[l]`` tokens with a reducer between its
+    attention half and its MLP half. The token sizes pass from block to block within one call (no state is
+    kept between calls, so the whole schedule traces as one function)."""
 
-    def __init__(self, block: nn.Module, halves: Halves, layer: int, n_layers: int, r: int, reducer: Reducer,
-                 token_scorer: TokenScorer | None, state: dict, protected: int, proportional: bool) -> None:
-        super().__init__()
-        self.block = block
-        self.halves = halves
-        self.layer, self.n_layers, self.r = layer, n_layers, r
+    def __init__(self, blocks: list[nn.Module], halves: Halves, removals: list[int], reducer: Reducer,
+                 token_scorer: TokenScorer | None, protected: int, proportional: bool) -> None:
+        self.blocks, self.halves, self.removals = list(blocks), halves, [int(r) for r in removals]
         self.reducer, self.token_scorer = reducer, token_scorer
-        self.state, self.protected, self.proportional = state, protected, proportional
+        self.protected, self.proportional = protected, proportional
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        blk, attention = self.block, self.halves.attention
-        sizes = self.state.get("sizes")
-        if sizes is None or sizes.shape[:2] != x.shape[:2] or self.layer == 0:
-            sizes = x.new_ones(x.shape[0], x.shape[1])
-        need_probs = self.r > 0 and self.reducer.needs_importance
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = x.new_ones(x.shape[0], x.shape[1])
+        for layer, (blk, r) in enumerate(zip(self.blocks, self.removals)):
+            x, sizes = self.block(layer, blk, r, x, sizes)
+        return x
+
+    def block(self, layer: int, blk: nn.Module, r: int, x: torch.Tensor, sizes: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``layer`` removing ``r`` tokens: the new tokens and sizes."""
+        attention, n_layers = self.halves.attention, len(self.blocks)
+        need_probs = r > 0 and self.reducer.needs_importance
         x, metric, probs = attention(blk, x, sizes if self.proportional else None, need_probs, None)
-        if self.r > 0:
+        if r > 0:
             importance = None
             if self.reducer.needs_importance:
                 if self.token_scorer is None or probs is None:
                     raise OptinError(f"reducer {self.reducer.name!r} needs a token scorer (e.g. --scorer wpr)")
-                importance = self.token_scorer.token_importance(probs, self.layer, self.n_layers)
-            left = self.r
+                importance = self.token_scorer.token_importance(probs, layer, n_layers)
+            left = r
             while left > 0:  # one bipartite merge removes at most about half the tokens: repeat
                 n_before = x.shape[1]
                 x, sizes = self.reducer.reduce(x, sizes, left, metric=metric, importance=importance,
@@ -100,20 +104,28 @@ class ReducingBlock(nn.Module):
                 removed = n_before - x.shape[1]
                 if removed <= 0:
                     raise OptinError(f"reducer {self.reducer.name!r} could not remove {left} more tokens at block "
-                                     f"{self.layer} ({n_before} left)")
+                                     f"{layer} ({n_before} left)")
                 left -= removed
                 if left > 0:  # the similarity metric / importance must follow the remaining tokens
                     metric = None
                     if importance is not None:
-                        probs = self.halves_probs(x)
-                        importance = self.token_scorer.token_importance(probs, self.layer, self.n_layers)
+                        probs = attention(blk, x, None, True, None)[2]
+                        importance = self.token_scorer.token_importance(probs, layer, n_layers)
         x, _ = self.halves.mlp(blk, x, False)
-        self.state["sizes"] = sizes
-        return x
+        return x, sizes
 
-    def halves_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's attention probabilities over the current tokens ``x`` (block input, no sizes)."""
-        return self.halves.attention(self.block, x, None, True, None)[2]
+
+class ReducingBlock(nn.Module):
+    """Stands in for one block while a token schedule is installed (its weights stay under ``block``): the
+    first one runs the whole ``Schedule``, the others pass its result on."""
+
+    def __init__(self, block: nn.Module, schedule: Schedule | None) -> None:
+        super().__init__()
+        self.block = block
+        self.schedule = schedule  # a plain attribute: the blocks it runs are registered by their own wrappers
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x if self.schedule is None else self.schedule.run(x)
 
 
 def options_of(plugin: Any) -> dict:
@@ -171,10 +183,9 @@ class ReducibleTokens(TokenAdapter):
             raise OptinError(f"a token schedule needs one entry per block ({len(self.blocks)}), got {len(removals)}")
         attn, mlp = self.token_counts(removals)
         removals = [a - m for a, m in zip(attn, mlp)]  # at least one non-protected token always stays
-        state: dict = {}
-        n = len(self.blocks)
-        self._set_blocks([ReducingBlock(b, self.halves, i, n, int(r), reducer, token_scorer, state, self.protected,
-                                        proportional) for i, (b, r) in enumerate(zip(self.blocks, removals))])
+        schedule = Schedule(list(self.blocks), self.halves, removals, reducer, token_scorer, self.protected,
+                            proportional)
+        self._set_blocks([ReducingBlock(b, schedule if i == 0 else None) for i, b in enumerate(self.blocks)])
         self.removals = [int(r) for r in removals]
         self.reducer_spec = {"reducer": reducer.name, "options": options_of(reducer),
                              "token_scorer": getattr(token_scorer, "name", None),

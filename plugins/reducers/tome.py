@@ -45,8 +45,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1,
     with torch.no_grad():
         m = F.normalize(metric.to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
         scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # (B, Na, Nb) cosine similarities
-        scores[:, a_pos < protected, :] = float("-inf")
-        scores[:, :, b_pos < protected] = float("-inf")
+        # (masked_fill rather than boolean indexing: the same values, and it exports to ONNX)
+        scores = scores.masked_fill((a_pos < protected)[None, :, None] | (b_pos < protected)[None, None, :],
+                                    float("-inf"))
         best, best_b = scores.max(dim=-1)  # (B, Na): each A token's best B match
         order = best.argsort(dim=-1, descending=True, stable=True)
         src_a = order[:, :r]

@@ -72,7 +72,7 @@ def combine_heads(scores: torch.Tensor, low: float = 0.01, high: float = 0.7) ->
     """
     var = head_variance(scores)
     keep = (var >= low) & (var <= high)  # (B, H)
-    keep = torch.where(keep.any(dim=-1, keepdim=True), keep, torch.ones_like(keep))
+    keep = keep | ~keep.any(dim=-1, keepdim=True)  # every head where none passes (as ONNX-friendly logic)
     w = keep.to(scores.dtype).unsqueeze(-1)
     return ((scores.square() * w).sum(dim=1) / w.sum(dim=1)).sqrt()
 
