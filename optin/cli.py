@@ -339,9 +339,11 @@ def finetune(model: str, task: str | None, data: str | None, eval_data: str | No
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--onnx", is_flag=True, help="Also time each model exported to ONNX in onnxruntime (CPU, float32; "
+                                           "the ONNX files are cached next to the models).")
 def bench(model: str | None, others: tuple[str, ...], task: str | None, data: str | None, eval_data: str | None,
           checkpoint: str | None, batch_size: int, repeats: int, warmup: int, threads: int | None, device: str,
-          dtype: str, as_json: bool) -> None:
+          dtype: str, as_json: bool, onnx: bool) -> None:
     """Throughput of the original vs pruned / token-reduced models, one process, interleaved, median."""
     import torch
 
@@ -352,6 +354,13 @@ def bench(model: str | None, others: tuple[str, ...], task: str | None, data: st
     from .tasks import sample
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if onnx:
+        from .deploy import require_onnx
+
+        require_onnx("--onnx")
+        if dev.type != "cpu" or dt != torch.float32:
+            raise OptinError("--onnx times onnxruntime on the CPU in float32, next to PyTorch on the same batch: drop "
+                             "--device/--dtype (or time PyTorch alone on them without --onnx)")
 
     if threads:
         torch.set_num_threads(threads)
@@ -365,22 +374,89 @@ def bench(model: str | None, others: tuple[str, ...], task: str | None, data: st
         ad.model.to(device=dev, dtype=dt).eval()
     first = next(iter(models.values()))
     batch = batches_of(first, sample(the_task.examples("test"), batch_size, 0), batch_size, dev, dt)[0]
-    runs = {name: (lambda ad=ad: ad.logits(batch)) for name, ad in models.items()}
+    runs = {(name, "pytorch"): (lambda ad=ad: ad.logits(batch)) for name, ad in models.items()}
+    exports = {}
+    if onnx:
+        runs.update(_onnx_runs(models, source, batch, exports))
     speed = throughput(runs, examples=first.batch_size(batch), warmup=warmup, repeats=repeats,
                        sync=lambda: synchronize(dev))
-    base = speed[source]
-    rows = [{"model": name, "examples_per_s": v, "ratio": v / base} for name, v in speed.items()]
+    rows = [{"model": name, "runtime": runtime, "examples_per_s": v, "ratio": v / speed[(source, runtime)],
+             **({"onnx": exports[name]} if runtime == "onnxruntime" else {})}
+            for (name, runtime), v in speed.items()]
     if as_json:
         click.echo(json.dumps({"batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads(),
                                "results": rows}, indent=2))
         return
     table = Table(title=f"throughput, batch {batch_size}, median of {repeats} (interleaved), "
                         f"{torch.get_num_threads()} threads")
-    for col in ("model", "examples/s", "vs original"):
+    for col in ("model", "runtime", "examples/s", "vs original"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["model"], f"{r['examples_per_s']:.1f}", f"{r['ratio']:.2f}x")
+        table.add_row(r["model"], r["runtime"], f"{r['examples_per_s']:.1f}", f"{r['ratio']:.2f}x")
     out.print(table)
+    for name, e in exports.items():
+        out.print(f"{name}: ONNX {e['path']} ({e['exporter']} exporter)")
+
+
+def _onnx_runs(models: dict, source: str, batch: dict, exports: dict) -> dict:
+    """onnxruntime calls of every model on ``batch`` (exported once, cached next to each model folder or in the
+    optin cache); fills ``exports`` with what each export is."""
+    from dataclasses import asdict
+
+    from .deploy import cached_onnx, onnx_cache_path
+    from .models import cache_dir, named_models
+
+    runs = {}
+    for name, ad in models.items():
+        folder = name
+        if name == source and name in named_models():
+            folder = named_models()[name].build()
+        folder = folder if Path(folder).is_dir() else None
+        call, export = cached_onnx(ad, batch, onnx_cache_path(name, folder, cache_dir()))
+        runs[(name, "onnxruntime")] = call
+        exports[name] = asdict(export)
+    return runs
+
+
+@cli.command("export")
+@click.option("--model", required=True, help="The model to export: a pruned optin folder (OUTPUT/model of `optin run`), "
+                                             "a model folder, a named model or a hub id.")
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "hf"]),
+              help="onnx: one ONNX file checked with onnxruntime; hf: a plain Hugging Face folder (same-size layers).")
+@click.option("--output", required=True, type=click.Path(),
+              help="The ONNX file (--format onnx) or the folder (--format hf) to write.")
+@click.option("--task", default=None, help="Sample inputs for tracing and checking [default: the task recorded in the "
+                                           "pruned model's plan].")
+@click.option("--data", default=None, type=click.Path(), help="Sample inputs from your own data file or folder.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Examples in the sample batch.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0.0),
+              help="Largest difference of logits from the PyTorch model accepted (else nothing is written).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+def export_cmd(model: str, fmt: str, output: str, task: str | None, data: str | None, batch_size: int,
+               tolerance: float, overwrite: bool) -> None:
+    """Export a (pruned) model to ship without optin: ONNX, or a plain Hugging Face folder."""
+    from .deploy import clear, export_hf, export_onnx, require_onnx, sample_batch
+    from .models import load_model
+
+    target = Path(output)
+    if target.exists() and (target.is_file() or any(target.iterdir())):
+        if not overwrite:
+            raise OptinError(f"--output {output} exists; pass --overwrite to replace it, or another --output")
+        clear(target)
+    if fmt == "onnx":
+        require_onnx("--format onnx")
+        if target.is_dir():
+            raise OptinError(f"--output {output} is a folder; --format onnx writes a file, e.g. {target / 'model.onnx'}")
+    ad = load_model(model)
+    batch = sample_batch(ad, model, task, data, batch_size)
+    if fmt == "onnx":
+        result = export_onnx(ad, batch, target, tolerance)
+        out.print(f"wrote {result.describe()}")
+    else:
+        result = export_hf(ad, batch, target, tolerance)
+        out.print(f"wrote {result['path']}: {result['model_class']} (AutoModel.from_pretrained loads it without optin; "
+                  f"max abs difference from the pruned model {result['max_abs_diff']:.2g})")
 
 
 def spread_values(args: list[str], names: set[str]) -> list[str]:

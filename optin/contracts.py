@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
+from .errors import OptinError
 from .hooking import removing
 from .units import CostModel, UnitTensors
 
@@ -285,6 +286,14 @@ class Adapter(ABC):
         BatchNorm running mean/variance, whose inputs lost channels upstream) from ``batches``, with no
         gradients. Returns True when something was re-estimated."""
         return False
+
+    def hf_model(self) -> nn.Module:
+        """The (pruned) model as a plain transformers model whose config states its sizes, for ``optin export
+        --format hf``: a folder ``from_pretrained`` loads without optin. Raises OptinError saying why where the
+        model cannot be one (not a transformers model; layers of different sizes, which an HF config cannot
+        state; a head size its config cannot state; a token schedule)."""
+        raise OptinError(f"adapter {self.name!r} has no plain Hugging Face form (its models are not transformers "
+                         "models with per-model sizes in their config); use --format onnx, or the optin export")
 
 
 class TokenAdapter(Adapter):

@@ -9,7 +9,7 @@ from optin.cli import cli
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-@pytest.mark.parametrize("command", ["list", "run", "score", "prune", "finetune", "compare"])
+@pytest.mark.parametrize("command", ["list", "run", "score", "prune", "finetune", "compare", "bench", "export"])
 def test_every_cli_flag_is_in_the_reference(command):
     text = (DOCS / "cli.md").read_text()
     assert f"`optin {command}" in text

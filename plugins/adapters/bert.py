@@ -25,7 +25,7 @@ from optin.safety import NO_REMOTE_CODE
 from optin.surgery import head_rows, slice_linear
 from optin.units import CostModel, UnitTensors
 
-from .common import HookedAdapter, config_json, cut_to_plan, hf_model_from_plan, hf_plan, slice_mlp
+from .common import HookedAdapter, config_json, cut_to_plan, hf_model_from_plan, hf_plan, plain_hf_model, slice_mlp
 from .heads import prune_blocks
 
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
@@ -54,6 +54,11 @@ class EncoderLayout:
     ffn_out: str = "output.dense"  # input columns per neuron: the neurons' unit site
     ffn_norm: str = "output.LayerNorm"
     inputs: tuple[str, ...] | None = None  # the batch keys the model takes (None: every key but labels)
+    # The config keys stating the heads and FFN neurons per layer, and the features per head (None: the
+    # config derives them as hidden size / heads), for a plain Hugging Face export.
+    config_heads: str = "num_attention_heads"
+    config_neurons: str = "intermediate_size"
+    config_head_size: str | None = None
 
 
 BERT_LAYOUT = EncoderLayout()
@@ -504,6 +509,10 @@ class BertAdapter(HookedAdapter):
 
     def plan(self) -> dict:
         return hf_plan(self)
+
+    def hf_model(self) -> nn.Module:  # noqa: D102 (see Adapter.hf_model)
+        return plain_hf_model(self, {"heads": self.layout.config_heads, "neurons": self.layout.config_neurons},
+                              self.head_dim, self.hidden, self.layout.config_head_size)
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "BertAdapter":

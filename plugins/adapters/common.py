@@ -159,6 +159,60 @@ def hf_plan(adapter: Adapter) -> dict:
             "unit_counts": adapter.unit_counts(), "kept_index": adapter.kept_index}
 
 
+def plain_hf_model(adapter: Adapter, sizes: dict[str, str | Callable[[Any, int], None]], head_dim: int, hidden: int,
+                   head_size_key: str | None) -> nn.Module:
+    """The adapter's (pruned) transformers model rebuilt as its own class from a config that states the kept
+    sizes, with its weights: what ``Adapter.hf_model`` returns for ``optin export --format hf``.
+
+    ``sizes`` maps a unit kind to the config key holding its count per layer (or a function setting it on the
+    config): every layer must keep the same count, which must not be 0. ``head_size_key`` names the config
+    key stating the features per head (DeBERTa-v2 ``attention_head_size``, ViT ``head_dim``); None: the class
+    derives it as ``hidden / heads``, so the kept heads must keep that ratio (only unpruned heads do)."""
+    import copy
+
+    counts = adapter.unit_counts()
+    model = adapter.model
+    config = copy.deepcopy(model.config)
+    what = f"{type(model).__name__} (adapter {adapter.name})"
+    for kind, key in sizes.items():
+        kept = sorted(set(counts[kind]))
+        if len(kept) != 1:
+            raise OptinError(f"{what}: its layers keep different numbers of {kind} ({counts[kind]}), and a Hugging "
+                             f"Face config states one {key if isinstance(key, str) else kind} for every layer; "
+                             "export this model with --format onnx (or use the optin folder)")
+        if kept[0] == 0:
+            raise OptinError(f"{what}: every {kind[:-1]} was removed, which a Hugging Face model cannot express; "
+                             "export with --format onnx")
+        if isinstance(key, str):
+            setattr(config, key, kept[0])
+        else:
+            key(config, kept[0])
+    if "heads" in sizes:
+        n = counts["heads"][0]
+        if head_size_key is not None:
+            setattr(config, head_size_key, head_dim)
+        elif n * head_dim != hidden:
+            raise OptinError(f"{what}: its config derives the head size as hidden size / heads = {hidden} / {n} = "
+                             f"{hidden / n:g}, but each kept head has {head_dim} features, so pruned heads cannot be "
+                             "stated in a Hugging Face config of this model; export with --format onnx (or use the "
+                             "optin folder)")
+    try:
+        plain = type(model)(config)
+    except (ValueError, TypeError) as exc:
+        raise OptinError(f"{what}: transformers refuses the pruned sizes ({' '.join(str(exc).split())[:200]}); "
+                         "export with --format onnx") from None
+    try:
+        missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    except RuntimeError as exc:  # a layer its config does not size by the stated counts
+        raise OptinError(f"{what}: a model built from the pruned config does not take the pruned weights "
+                         f"({' '.join(str(exc).split())[:200]}); export with --format onnx") from None
+    tied = set(getattr(plain, "_tied_weights_keys", None) or {})
+    if [k for k in missing if k not in tied] or unexpected:
+        raise OptinError(f"{what}: a model built from the pruned config does not take the pruned weights (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}); export with --format onnx")
+    return plain.to(next(model.parameters()).device).eval()
+
+
 # Config keys that count layers: a plan may not declare more of them than its weights file has tensors.
 LAYER_KEYS = ("num_hidden_layers", "num_layers", "encoder_layers", "decoder_layers", "depths", "depth")
 

@@ -13,7 +13,8 @@ from .bert import BertAdapter, EncoderLayout
 DISTILBERT_LAYOUT = EncoderLayout(
     encoder="transformer", self_attention="attention", projections=("q_lin", "k_lin", "v_lin"),
     attention_out="attention.out_lin", attention_norm="sa_layer_norm", ffn_in="ffn.lin1", activation="ffn.activation",
-    ffn_out="ffn.lin2", ffn_norm="output_layer_norm", inputs=("input_ids", "attention_mask"))
+    ffn_out="ffn.lin2", ffn_norm="output_layer_norm", inputs=("input_ids", "attention_mask"),
+    config_heads="n_heads", config_neurons="hidden_dim")
 
 
 class DistilBertAdapter(BertAdapter):

@@ -22,7 +22,8 @@ from optin.hooking import removing
 from optin.units import CostModel, UnitTensors
 
 from .bert import _Replay, part, set_part
-from .common import HFImageClassifier, HookedAdapter, config_json, cut_to_plan, hf_model_from_plan, hf_plan
+from .common import (HFImageClassifier, HookedAdapter, config_json, cut_to_plan, hf_model_from_plan, hf_plan,
+                     plain_hf_model)
 from .heads import HFNoHeads, prune_blocks, slice_hf_heads, slice_mlp_neurons
 from .tokens import Halves, ReducibleTokens, attend
 
@@ -221,6 +222,21 @@ class HFVitAdapter(HFImageClassifier, HookedAdapter, ReducibleTokens):
 
     def plan(self) -> dict:
         return {**hf_plan(self), **self.token_plan()}
+
+    def hf_model(self) -> nn.Module:  # noqa: D102 (see Adapter.hf_model)
+        if self.reducing():
+            raise OptinError(f"{type(self.model).__name__} (adapter {self.name}) runs a token reducer between its "
+                             "layers, which a Hugging Face model cannot express; export with --format onnx")
+        neurons: Any = "intermediate_size"
+        if self.layout is DINOV2_LAYOUT:  # DINOv2 states its MLP width as an integer multiple of the hidden size
+            def neurons(config: Any, n: int) -> None:
+                if n % self.dim:
+                    raise OptinError(f"{type(self.model).__name__} (adapter {self.name}): its config states the MLP "
+                                     f"width as an integer mlp_ratio x hidden size ({self.dim}), which cannot be {n} "
+                                     "neurons; export with --format onnx")
+                config.mlp_ratio = n // self.dim
+        return plain_hf_model(self, {"heads": "num_attention_heads", "neurons": neurons}, self.head_dim, self.dim,
+                              "head_dim")
 
     @classmethod
     def rebuild(cls, plan: dict, directory: str) -> "HFVitAdapter":
