@@ -218,11 +218,11 @@ def _weight_matrix(module: nn.Module) -> torch.Tensor:
 def _set_columns(module: nn.Module, columns: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
     with torch.no_grad():
         flat = module.weight.view(module.weight.shape[0], -1)
-        flat[:, columns] = w.to(flat.dtype)
+        flat[:, columns.to(flat.device)] = w.to(device=flat.device, dtype=flat.dtype)
         if bias is not None:
             if module.bias is None:
                 raise OptinError(f"cannot refit the bias of {module}: it has none")
-            module.bias.copy_(bias.to(module.bias.dtype))
+            module.bias.copy_(bias.to(device=module.bias.device, dtype=module.bias.dtype))
 
 
 # --- the stage --------------------------------------------------------------------------------------

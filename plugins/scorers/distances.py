@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 def sample_rows(valid: torch.Tensor | None, n_rows: int, k: int, seed: int) -> torch.Tensor:
     """Indices of ``k`` rows of the flattened (B*T) token matrix, drawn once from non-padding rows."""
-    rows = torch.arange(n_rows) if valid is None else torch.nonzero(valid.reshape(-1)).flatten()
+    rows = torch.arange(n_rows) if valid is None else torch.nonzero(valid.reshape(-1).cpu()).flatten()
     if rows.numel() <= k:
         return rows
     g = torch.Generator().manual_seed(seed)

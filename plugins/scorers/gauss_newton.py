@@ -42,7 +42,7 @@ def rademacher(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.
 def manifold_duals(reference_rows: torch.Tensor, probes: int, generator: torch.Generator) -> torch.Tensor:
     """(P, K, D): ``(V + V^T) f`` for P Rademacher probes V (K, K) and the unmasked normalised rows f (K, D):
     the gradient of ``<V, f f^T>`` with respect to the rows."""
-    f = F.normalize(reference_rows.double(), dim=-1)
+    f = F.normalize(reference_rows.detach().double().cpu(), dim=-1)  # probes are drawn on the CPU
     k = f.shape[0]
     v = rademacher((probes, k, k), generator)
     return (v + v.transpose(1, 2)) @ f
@@ -51,7 +51,7 @@ def manifold_duals(reference_rows: torch.Tensor, probes: int, generator: torch.G
 def feature_duals(reference: torch.Tensor, probes: int, generator: torch.Generator, batch: int) -> torch.Tensor:
     """(P, *map): probes for the CNN distance ``mean((mean_b F' - mean_b F)^2)``, scaled so that the squared
     gradient of ``sum_b <V, F_b>`` estimates it: V / (batch * sqrt(numel))."""
-    v = rademacher((probes, *reference.shape), generator)
+    v = rademacher((probes, *reference.shape), generator)  # on the CPU, like every probe
     return v / (batch * math.sqrt(reference.numel()))
 
 

@@ -75,8 +75,9 @@ class _Manifold(gn.ProbeDistance):
         per = features.numel() // features.shape[-1] // (stop - start)  # token rows per example
         rows = self.rows[per * self.examples]
         inside = (rows >= start * per) & (rows < stop * per)
-        f = F.normalize(features.reshape(-1, features.shape[-1])[rows[inside] - start * per].double(), dim=-1)
-        return (duals[:, inside] * f.unsqueeze(0)).sum(dim=(1, 2))
+        local = (rows[inside] - start * per).to(features.device)
+        f = F.normalize(features.reshape(-1, features.shape[-1])[local].double(), dim=-1)
+        return (duals[:, inside.to(duals.device)] * f.unsqueeze(0)).sum(dim=(1, 2))
 
 
 class _FeatureMSE(gn.ProbeDistance):

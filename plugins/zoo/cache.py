@@ -17,6 +17,24 @@ from optin.models import cache_dir
 from optin.progress import say
 
 DONE = "optin-train.json"
+# Training's float reductions depend on how many threads share them: a fixed count makes a build the same bit
+# for bit on every machine with the same torch version and CPU instruction set (more threads would be faster
+# but give another model). OPTIN_BUILD_THREADS overrides it.
+BUILD_THREADS = 2
+
+
+@contextmanager
+def reproducible() -> Iterator[int]:
+    """Within the context torch uses ``BUILD_THREADS`` threads (or ``$OPTIN_BUILD_THREADS``); restored after."""
+    import torch
+
+    threads = int(os.environ.get("OPTIN_BUILD_THREADS") or BUILD_THREADS)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(saved)
 
 
 def build_once(name: str, build: Callable[[Path], dict], what: str | None = None,
@@ -34,7 +52,8 @@ def build_once(name: str, build: Callable[[Path], dict], what: str | None = None
         if what:
             say(f"building {name}: {what} (first use only, several minutes; cached in {target})")
         tmp = staging(target)
-        record = build(tmp)
+        with reproducible() as threads:
+            record = {**build(tmp), "build_threads": threads}
         if result:
             key, label = result
             say(f"{name}: {label} {record[key]:.4f} after {record['seconds']:.0f}s of training")

