@@ -436,25 +436,24 @@ def _onnx_runs(models: dict, source: str, batch: dict, exports: dict) -> dict:
 def export_cmd(model: str, fmt: str, output: str, task: str | None, data: str | None, batch_size: int,
                tolerance: float, overwrite: bool) -> None:
     """Export a (pruned) model to ship without optin: ONNX, or a plain Hugging Face folder."""
-    from .deploy import clear, export_hf, export_onnx, require_onnx, sample_batch
+    from .deploy import clear, export_hf, export_onnx_to, require_onnx, sample_batch
     from .models import load_model
 
     target = Path(output)
-    if target.exists() and (target.is_file() or any(target.iterdir())):
-        if not overwrite:
-            raise OptinError(f"--output {output} exists; pass --overwrite to replace it, or another --output")
-        clear(target)
+    taken = target.exists() and (target.is_file() or any(target.iterdir()))
+    if taken and not overwrite:
+        raise OptinError(f"--output {output} exists; pass --overwrite to replace it, or another --output")
     if fmt == "onnx":
         require_onnx("--format onnx")
-        if target.is_dir():
+        if target.is_dir() and not taken:
             raise OptinError(f"--output {output} is a folder; --format onnx writes a file, e.g. {target / 'model.onnx'}")
     ad = load_model(model)
     batch = sample_batch(ad, model, task, data, batch_size)
-    if fmt == "onnx":
-        result = export_onnx(ad, batch, target, tolerance)
+    if fmt == "onnx":  # an earlier --output is replaced only by an export that passed its check
+        result = export_onnx_to(ad, batch, target, tolerance)
         out.print(f"wrote {result.describe()}")
     else:
-        result = export_hf(ad, batch, target, tolerance)
+        result = export_hf(ad, batch, target, tolerance, before_writing=lambda: clear(target) if taken else None)
         out.print(f"wrote {result['path']}: {result['model_class']} (AutoModel.from_pretrained loads it without optin; "
                   f"max abs difference from the pruned model {result['max_abs_diff']:.2g})")
 

@@ -233,10 +233,12 @@ def _reason(exc: BaseException) -> str:
     return one_line(RuntimeError(" ".join(text.split()) or type(exc).__name__), 160)
 
 
-def export_hf(adapter: Adapter, batch: Batch, directory: str | Path, tolerance: float = TOLERANCE) -> dict:
+def export_hf(adapter: Adapter, batch: Batch, directory: str | Path, tolerance: float = TOLERANCE,
+              before_writing: Callable[[], None] = lambda: None) -> dict:
     """Write ``adapter.hf_model()`` with ``save_pretrained`` (and the tokenizer or image processor) into
-    ``directory``, after checking that it computes the adapter's logits on ``batch``. Returns what was
-    written: the model class, the sizes its config states, the difference from the pruned model."""
+    ``directory``, after checking that it computes the adapter's logits on ``batch`` (``before_writing`` runs
+    once the check passed, e.g. to remove an earlier export). Returns what was written: the path, the model
+    class, the unit counts its config states, the difference from the pruned model."""
     plain = adapter.hf_model()
     inputs = model_inputs(batch)
     twin = type(adapter)(plain, adapter.processor)  # the same adapter around the plain model: the same inputs
@@ -246,6 +248,10 @@ def export_hf(adapter: Adapter, batch: Batch, directory: str | Path, tolerance: 
     if diff > tolerance:
         raise OptinError(f"adapter {adapter.name!r}: the plain Hugging Face model differs from the pruned one by "
                          f"{diff:.2g} on the sample batch; export with --format onnx")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar on the user's screen
+    before_writing()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plain.config.architectures = [type(plain).__name__]
@@ -351,3 +357,18 @@ def clear(path: Path) -> None:
         shutil.rmtree(path)
     else:
         _remove(path)
+
+
+def export_onnx_to(adapter: Adapter, batch: Batch, path: Path, tolerance: float = TOLERANCE) -> OnnxExport:
+    """``export_onnx`` into a staging folder next to ``path``, moved to ``path`` (replacing what is there) only
+    once it passed: a failed export leaves an earlier file as it was."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".optin-export-") as tmp:
+        result = export_onnx(adapter, batch, Path(tmp) / path.name, tolerance)
+        clear(path)
+        for made in Path(tmp).iterdir():  # the graph and, for large models, its external data file
+            made.replace(path.parent / made.name)
+    result.path = str(path)
+    return result

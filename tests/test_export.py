@@ -281,12 +281,16 @@ def test_hf_format_refusals_say_why(tmp_path, cli_sandbox):
                 "deberta-heads": "hidden size / heads = 32 / 2",
                 "tokens": "token reducer"}
     data = _csv(tmp_path / "d.csv")
+    earlier = tmp_path / "uneven-hf" / "config.json"  # an earlier export: --overwrite replaces it only on success
+    earlier.parent.mkdir()
+    earlier.write_text("{}")
     for name, ad in cases.items():
         if name != "tokens":
             ad.processor = make_tokenizer(tmp_path / "tokenizer")
         optin.save_pruned(ad, tmp_path / name)
         source = ["--task", "fashion-mnist"] if name == "tokens" else ["--data", data]
         line = one_line(invoke("export", "--model", tmp_path / name, "--format", "hf", "--output",
-                               tmp_path / f"{name}-hf", *source))
+                               tmp_path / f"{name}-hf", "--overwrite", *source))
         assert expected[name] in line and "--format onnx" in line, line
-        assert not (tmp_path / f"{name}-hf").exists()
+        assert (tmp_path / f"{name}-hf").exists() == (name == "uneven")
+    assert earlier.read_text() == "{}"
