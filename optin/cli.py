@@ -440,13 +440,18 @@ def export_cmd(model: str, fmt: str, output: str, task: str | None, data: str | 
     from .models import load_model
 
     target = Path(output)
+    if fmt == "onnx" and target.is_dir():
+        raise OptinError(f"--output {output} is a folder; --format onnx writes a file, e.g. {target / 'model.onnx'}")
+    if fmt == "hf" and target.is_file():
+        raise OptinError(f"--output {output} is a file; --format hf writes a folder")
+    source = Path(model).expanduser()
+    if source.exists() and (target.resolve() == source.resolve() or target.resolve() in source.resolve().parents):
+        raise OptinError(f"--output {output} would replace the model being exported ({model}); pick another --output")
     taken = target.exists() and (target.is_file() or any(target.iterdir()))
     if taken and not overwrite:
         raise OptinError(f"--output {output} exists; pass --overwrite to replace it, or another --output")
     if fmt == "onnx":
         require_onnx("--format onnx")
-        if target.is_dir() and not taken:
-            raise OptinError(f"--output {output} is a folder; --format onnx writes a file, e.g. {target / 'model.onnx'}")
     ad = load_model(model)
     batch = sample_batch(ad, model, task, data, batch_size)
     if fmt == "onnx":  # an earlier --output is replaced only by an export that passed its check

@@ -148,6 +148,12 @@ def test_optin_export_onnx_through_the_cli(pruned_bert, tmp_path, cli_sandbox):
     assert "exists" in one_line(again) and "--overwrite" in one_line(again)
     no_data = invoke("export", "--model", pruned_bert["pruned"], "--output", tmp_path / "x.onnx", "--overwrite")
     assert "--task NAME or --data FILE" in one_line(no_data)
+    for fmt, where, says in (("onnx", tmp_path, "is a folder"),
+                             ("hf", pruned_bert["pruned"].parent, "would replace the model being exported")):
+        res = invoke("export", "--model", pruned_bert["pruned"], "--format", fmt, "--output", where, "--overwrite",
+                     "--data", pruned_bert["data"])
+        assert says in one_line(res)
+    assert (pruned_bert["pruned"] / "optin-plan.json").is_file()
 
 
 def test_onnx_without_its_packages_is_one_line(pruned_bert, tmp_path, cli_sandbox, monkeypatch):
