@@ -115,6 +115,13 @@ def load_model(source: str, adapter: str | None = None, checkpoint: str | None =
                                  f"{', '.join(takers) or 'none'}, e.g. --model timm:NAME)")
             return load_with(cls, source, checkpoint=str(Path(checkpoint).expanduser()))
     where = f"the folder ({folder_summary(path)})" if path.exists() else "the Hugging Face hub (offline?)"
+    if adapter:  # a forced adapter that does not load it: say what it loads and which adapters do load it
+        others = [i.name for i in registry.plugins("adapter")
+                  if i.available and i.name != adapter and registry.get("adapter", i.name).claims(source)]
+        loads = getattr(registry.get("adapter", adapter), "sources", "") or "see `optin list`"
+        raise OptinError(f"adapter {adapter!r} (--adapter) does not load model {source!r} (looked in {where}); it "
+                         f"loads {loads}; " + (f"adapters that load it: {', '.join(others)} (drop --adapter)"
+                                               if others else f"no installed adapter loads it: {adapter_coverage()}"))
     raise OptinError(f"no adapter handles model {source!r} (looked in {where}); installed adapters: "
                      f"{adapter_coverage()}; named models: {', '.join(sorted(named)) or 'none'}")
 

@@ -132,3 +132,12 @@ def test_an_unsupported_folder_names_its_model_type_and_the_supported_ones(tmp_p
     assert "model_type 'funnel'" in res.output
     for supported in ("distilbert", "deberta-v2", "xlm-roberta", "electra", "vit"):
         assert supported in res.output
+
+
+def test_a_forced_adapter_that_does_not_load_the_folder_names_the_one_that_does(tmp_path, cli_sandbox):
+    res = CliRunner().invoke(cli, ["run", "--model", str(_folder(tmp_path, "distilbert")), "--adapter", "bert",
+                                   "--data", str(_csv(tmp_path / "d.csv")), "--output", str(tmp_path / "out"),
+                                   "--quiet"])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "model_type 'distilbert'" in lines[0] and "adapters that load it: distilbert" in lines[0]
