@@ -242,8 +242,18 @@ reducer_option = click.option("--reducer", default=None,
 def _prune_and_report(ctx: click.Context, kw: dict) -> None:
     """The recipe up to the export, then the summary of its report."""
     report = _invoke_recipe(ctx, kw)
+    if _helper_process(report):
+        return
     report["output"] = kw["output"]
     _summary(report)
+
+
+def _helper_process(result: dict) -> bool:
+    """Under torchrun, a process of rank > 0 scored its share and stops there: one line, no summary."""
+    if "rank" not in result:
+        return False
+    out.print(f"process {result['rank']}: scored its share in {result['seconds_scoring']:.1f}s (rank 0 writes the outputs)")
+    return True
 
 
 @cli.command()
@@ -264,7 +274,8 @@ def run(ctx: click.Context, **kw: Any) -> None:
 def score(ctx: click.Context, **kw: Any) -> None:
     """Only score: write OUTPUT/scores.safetensors (resumes if interrupted)."""
     res = _invoke_recipe(ctx, kw, score_only=True)
-    out.print(f"scores written to {res['scores']} ({res['seconds_scoring']:.1f}s)")
+    if not _helper_process(res):
+        out.print(f"scores written to {res['scores']} ({res['seconds_scoring']:.1f}s)")
 
 
 @cli.command()

@@ -22,6 +22,7 @@ from .contracts import Adapter, Batch, Scorer, ScoreContext, TokenAdapter, Token
 from .degenerate import check_not_degenerate
 from .errors import BudgetError, OptinError
 from .devices import resolve_device, resolve_dtype, synchronize, to_device
+from .distributed import leave_group, rank_and_world, reducer
 from .export import save_pruned
 from .hooks import notify
 from .measure import evaluate, params, throughput
@@ -114,16 +115,21 @@ def score(adapter: Adapter, batches: list[Batch], scorer: str = "trajectory", op
     if impl.needs_labels and any("labels" not in b and "masks" not in b for b in batches):
         raise OptinError(f"scorer {scorer!r} needs labelled calibration data")
     fp = fingerprint(adapter.model)
+    rank, world = rank_and_world()  # several processes under torchrun: each does its share (optin.distributed)
     ckpt = None
     if checkpoint is not None:
+        if world > 1:  # one resumable checkpoint per process
+            checkpoint = Path(checkpoint).with_name(f"{Path(checkpoint).stem}.rank{rank}-of-{world}.safetensors")
         ckpt = Checkpoint(checkpoint, {"fingerprint": fp, "scorer": scorer, "options": impl.describe(),
-                                       "seed": seed, "data": _batches_hash(batches)})
+                                       "seed": seed, "data": _batches_hash(batches), "rank": rank, "world": world})
         if ckpt.resumed:
             say(f"resuming scoring: {ckpt.resumed} partial results found in {checkpoint}")
     torch.manual_seed(seed)
     adapter.model.eval()
-    with bar(f"scoring ({scorer})") as (advance, set_total):
-        ctx = ScoreContext(seed=seed, checkpoint=ckpt, advance=advance, total=set_total, note=say)
+    device = next(iter(adapter.model.parameters())).device
+    with bar(f"scoring ({scorer})" + (f" [process {rank + 1} of {world}]" if world > 1 else "")) as (advance, set_total):
+        ctx = ScoreContext(seed=seed, checkpoint=ckpt, advance=advance, total=set_total, note=say, rank=rank,
+                           world=world, reduce=reducer(device))
         try:
             values = impl.score(adapter, batches, ctx)
         except NotImplementedError as exc:
@@ -505,8 +511,28 @@ def run_config(config: RunConfig) -> dict:
     t_start = time.perf_counter()
     cfg = config.checked()
     plugins = choose_plugins(cfg)
-    with OutputFolder(cfg.output, outputs_of(cfg), cfg.overwrite) as staging:
-        return run_stages(cfg, plugins, staging, t_start)
+    rank, world = rank_and_world()
+    try:
+        if rank > 0:  # torchrun: the other processes only score their share; rank 0 writes every output
+            return score_share(cfg, plugins)
+        with OutputFolder(cfg.output, outputs_of(cfg), cfg.overwrite) as staging:
+            return run_stages(cfg, plugins, staging, t_start)
+    finally:
+        if world > 1:
+            leave_group()
+
+
+def score_share(cfg: RunConfig, plugins: Plugins) -> dict:
+    """A process of rank > 0 under torchrun: its share of the scoring (resumable in its own checkpoint in
+    ``output``), added to the others' by the all-reduce inside scoring; no other output."""
+    if cfg.scores_file is not None or plugins.token_scorer is not None:
+        return {"rank": rank_and_world()[0], "seconds_scoring": 0.0}
+    ad, the_task = load_stage(cfg)
+    calib = calibration_stage(ad, the_task, cfg)
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    score(ad, calib, cfg.scorer, cfg.options, cfg.seed, Path(cfg.output) / PARTIAL, plugins.token_scores)
+    return {"rank": rank_and_world()[0], "seconds_scoring": time.perf_counter() - t0}
 
 
 def outputs_of(cfg: RunConfig) -> tuple[str, ...]:

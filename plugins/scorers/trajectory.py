@@ -9,6 +9,7 @@ count, for models whose stages change it, e.g. Swin) serves every unit. CNN adap
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -125,6 +126,22 @@ class Plan:
     probes: int
     seconds: float
     forward_seconds: float
+
+    SIZE = 4096  # bytes of an encoded plan (sent between processes as a fixed-size tensor)
+
+    def encode(self) -> torch.Tensor:
+        data = json.dumps({"estimator": self.estimator, "group": self.group, "probes": self.probes,
+                           "seconds": self.seconds, "forward_seconds": self.forward_seconds}).encode()
+        if len(data) > self.SIZE:
+            raise OptinError("trajectory plan too large to share between processes")
+        out = torch.zeros(self.SIZE, dtype=torch.float64)
+        out[:len(data)] = torch.tensor(list(data), dtype=torch.float64)
+        return out
+
+    @classmethod
+    def decode(cls, t: torch.Tensor) -> "Plan":
+        data = bytes(int(v) for v in t.tolist() if v > 0)
+        return cls(**json.loads(data.decode()))
 
     def describe(self, counts: dict[str, list[int]]) -> str:
         approx = [f"{sum(counts[k]):,} {k}" for k, how in self.estimator.items() if how != "exact"]
@@ -254,7 +271,8 @@ class TrajectoryScorer(Scorer):
         forward_seconds = time.perf_counter() - t0
         samples = [_Manifold(tr, self.rows, ctx.seed + b) if distance == "manifold" else _FeatureMSE(tr)
                    for b, tr in enumerate(traces)]
-        self.plan = plan = self.make_plan(adapter, kinds, counts, n_layers, traces, forward_seconds)
+        plan = self.make_plan(adapter, kinds, counts, n_layers, traces, forward_seconds)
+        self.plan = plan = self._agreed(plan, ctx)
         ctx.note(f"trajectory: {plan.describe(counts)} on {sum(int(t.logits.shape[0]) for t in traces)} "
                  f"calibration examples; one forward pass takes {forward_seconds:.2f} s, so about "
                  f"{_minutes(plan.seconds)} in all" + (f" on {ctx.world} processes (less)" if ctx.world > 1 else ""))
@@ -284,6 +302,20 @@ class TrajectoryScorer(Scorer):
         if "tokens" in values:
             self.extras["tokens"] = {"tokens": values.pop("tokens")}
         return values
+
+    @staticmethod
+    def _agreed(plan: Plan, ctx: ScoreContext) -> Plan:
+        """The plan every process and every resumed run follows: an interrupted job resumes with the plan it
+        started with (kept in the checkpoint: the work is stored per chunk of that plan), and under torchrun
+        rank 0's plan is everyone's (each process times its own forward pass)."""
+        stored = ctx.cached("plan")
+        if stored is not None:
+            plan = Plan.decode(stored)
+        if ctx.world > 1:
+            plan = Plan.decode(ctx.reduce(plan.encode() if ctx.rank == 0 else torch.zeros(Plan.SIZE, dtype=torch.float64)))
+        if stored is None:
+            ctx.store("plan", plan.encode())
+        return plan
 
     def _exact_jobs(self, kinds: list[str], counts: dict[str, list[int]], traces: list[Trace], plan: Plan
                     ) -> list[tuple[str, int, int, int, int]]:
