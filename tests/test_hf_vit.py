@@ -15,15 +15,15 @@ def images():
     return _images(n=5, channels=1, size=28)
 
 
-@pytest.mark.parametrize("kind", ["vit", "deit"])
+@pytest.mark.parametrize("kind", ["vit", "deit", "dinov2"])
 def test_found_by_the_registry_and_counts(kind):
     ad = make(kind)
     assert optin.models.adapter_for(ad.model) is HFVitAdapter
     assert ad.unit_counts() == {"heads": [4] * 3, "neurons": [64] * 3}
-    assert ad.protected == (1 if kind == "vit" else 2) and ad.n_tokens == 49 + ad.protected
+    assert ad.protected == (2 if kind == "deit" else 1) and ad.n_tokens == 49 + ad.protected
 
 
-@pytest.mark.parametrize("kind", ["vit", "deit"])
+@pytest.mark.parametrize("kind", ["vit", "deit", "dinov2"])
 def test_run_from_matches_full_masked_forward(kind, images):
     ad = make(kind)
     tr = ad.trace(images)
@@ -38,7 +38,7 @@ def test_run_from_matches_full_masked_forward(kind, images):
         assert torch.allclose(emb[2].reshape(2, 5, *emb[2].shape[1:])[0], tr.embeddings[2], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["vit", "deit"])
+@pytest.mark.parametrize("kind", ["vit", "deit", "dinov2"])
 def test_conforms_with_exact_macs(kind, images):
     """optin.testing.check_adapter: masked == removed (a block without any head included), analytic MACs ==
     FlopCounterMode (eager attention) before and after removal, export + reload, restart."""
