@@ -106,6 +106,7 @@ def probe_generator(seed: int, batch: int, probe: int) -> torch.Generator:
 def estimate(adapter: Adapter, batches: list[Batch], traces: list[Trace], distances: list[ProbeDistance],
              masks: dict[str, list[torch.Tensor]], n_layers: int, *, probes: int, temperature: float,
              divide_by_t: bool, examples_per_pass: int, seed: int, mine: list[int] | None = None,
+             last_own: bool = True,
              cached: Callable[[str], torch.Tensor | None] = lambda key: None,
              store: Callable[[str, torch.Tensor], None] = lambda key, value: None,
              advance: Callable[[int], None] = lambda n: None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +137,8 @@ def estimate(adapter: Adapter, batches: list[Batch], traces: list[Trace], distan
             got_md, got_kd = cached(f"{key}/md"), cached(f"{key}/kd")
             if got_md is None or got_kd is None:
                 got_md, got_kd = _pass(adapter, slice_batch(batch, start, stop), dist, duals, kd[:, start:stop],
-                                       flat_masks, masks, where, offsets[-1], n_layers, start, stop, advance)
+                                       flat_masks, masks, where, offsets[-1], n_layers, start, stop, advance,
+                                       n_layers - 1 if last_own else n_layers)
                 store(f"{key}/md", got_md)
                 store(f"{key}/kd", got_kd)
             else:
@@ -150,7 +152,7 @@ def estimate(adapter: Adapter, batches: list[Batch], traces: list[Trace], distan
 
 def _pass(adapter: Adapter, batch: Batch, dist: ProbeDistance, duals: list[torch.Tensor], kd: torch.Tensor,
           flat_masks: list[torch.Tensor], masks: dict[str, list[torch.Tensor]], where: dict[tuple[str, int], int],
-          n_units: int, n_layers: int, start: int, stop: int, advance: Callable[[int], None]
+          n_units: int, n_layers: int, start: int, stop: int, advance: Callable[[int], None], local_layers: int
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch: one forward with the masks, then per probe the backward passes; returns the
     per-probe gradients (P, units) of the MD probe (own-block term removed) and of the KD probe."""
@@ -164,7 +166,7 @@ def _pass(adapter: Adapter, batch: Batch, dist: ProbeDistance, duals: list[torch
         kd_terms = (kd * logits.double().unsqueeze(0)).flatten(1).sum(1)  # (P,)
     for p in range(probes):
         g_md[p] = _flat(torch.autograd.grad(total[p], flat_masks, retain_graph=True, allow_unused=True), flat_masks)
-        g_md[p] -= _local(md_terms, p, masks, where, n_units, n_layers)
+        g_md[p] -= _local(md_terms, p, masks, where, n_units, local_layers)
         g_kd[p] = _flat(torch.autograd.grad(kd_terms[p], flat_masks, retain_graph=p + 1 < probes,
                                             allow_unused=True), flat_masks)
         advance(1)
@@ -173,10 +175,10 @@ def _pass(adapter: Adapter, batch: Batch, dist: ProbeDistance, duals: list[torch
 
 def _local(md_terms: list[torch.Tensor], p: int, masks: dict[str, list[torch.Tensor]],
            where: dict[tuple[str, int], int], n_units: int, n_layers: int) -> torch.Tensor:
-    """The z = i part of probe p's gradient, for the units of every block i but the last (whose own
-    embedding is its trajectory): a backward of ``<v_i, M_i>`` to block i's masks only."""
+    """The z = i part of probe p's gradient, for the units of blocks i < ``n_layers`` (the last block's own
+    term stays unless it is included): a backward of ``<v_i, M_i>`` to block i's masks only."""
     local = torch.zeros(n_units, dtype=torch.float64)
-    for i in range(n_layers - 1):
+    for i in range(n_layers):
         own = [(k, masks[k][i]) for k in masks if masks[k][i].numel()]
         if not own or not md_terms[i].requires_grad:
             continue

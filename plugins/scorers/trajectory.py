@@ -19,7 +19,7 @@ import torch
 
 import torch.nn.functional as F
 
-from optin.contracts import Adapter, Batch, RowSelect, ScoreContext, Scorer, TokenAdapter, Trace
+from optin.contracts import SCALES, Adapter, Batch, RowSelect, ScoreContext, Scorer, TokenAdapter, Trace
 from optin.errors import OptinError
 from optin.units import UnitTensors
 
@@ -170,7 +170,7 @@ class TrajectoryScorer(Scorer):
                  rows: int = 768, neuron_group: int | str = "auto", tokens_per_forward: int = 32768,
                  kd_divide_by_t: bool = True, kinds: list[str] | None = None, tokens: bool = False,
                  estimator: str = "auto", probes: int = 32, tokens_per_backward: int = 2048,
-                 target_minutes: float = 5.0) -> None:
+                 target_minutes: float = 5.0, last_block: str = "own", scale: str = "global") -> None:
         if neuron_group != "auto" and int(neuron_group) < 1:
             raise OptinError(f"neuron_group must be >= 1 (or auto), got {neuron_group}")
         if estimator not in ESTIMATORS + ("auto",):
@@ -178,6 +178,12 @@ class TrajectoryScorer(Scorer):
         if int(probes) < 1 or int(tokens_per_backward) < 1 or int(tokens_per_forward) < 1:
             raise OptinError(f"probes, tokens_per_backward and tokens_per_forward must be >= 1, got {probes}, "
                              f"{tokens_per_backward} and {tokens_per_forward}")
+        if last_block not in ("own", "kd"):
+            raise OptinError(f"last_block must be own (its own embedding and KD) or kd (KD only), got {last_block!r}")
+        if scale not in SCALES:
+            raise OptinError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        self.last_block = last_block
+        self.scale = scale  # "global" (the default): one distance for every unit; "kind"/"layer" for ablations
         if not float(target_minutes) > 0:
             raise OptinError(f"target_minutes must be positive, got {target_minutes}")
         self.estimator = estimator
@@ -207,6 +213,8 @@ class TrajectoryScorer(Scorer):
                "lambda_contribution": self.contribution, "rows": self.rows, "neuron_group": self.neuron_group,
                "kd_divide_by_t": self.kd_divide_by_t, "kinds": self.kinds, "tokens": self.tokens,
                "estimator": self.estimator, "probes": self.probes}
+        if self.last_block != "own":
+            out["last_block"] = self.last_block
         if self.plan is not None:
             out["plan"] = {"estimator": self.plan.estimator, "group": self.plan.group, "probes": self.plan.probes}
         return out
@@ -377,7 +385,8 @@ class TrajectoryScorer(Scorer):
             md, kd = gn.estimate(adapter, batches, traces, samples, masks, n_layers, probes=self.probes,
                                  temperature=self.temperature, divide_by_t=self.kd_divide_by_t,
                                  examples_per_pass=min(self._examples_per_pass(t) for t in traces), seed=ctx.seed,
-                                 mine=mine, cached=ctx.cached, store=ctx.store, advance=ctx.advance)
+                                 mine=mine, cached=ctx.cached, store=ctx.store, advance=ctx.advance,
+                                 last_own=self.last_block == "own")
         finally:
             for p in params:
                 p.requires_grad_(True)
@@ -400,9 +409,9 @@ class TrajectoryScorer(Scorer):
         """MD and KD (2, len(groups)) float64 for one forward of ``len(groups)`` masks at ``layer``."""
         masks = group_masks(n, groups)
         reps = masks.shape[0]
-        targets = [z for z in range(layer + 1, n_layers)] or [layer]
+        targets = [z for z in range(layer + 1, n_layers)] or ([layer] if self.last_block == "own" else [])
         emb, logits = adapter.run_from(trace, kind, layer, masks, batch, select=probe.selector(reps))
-        loss = sum(probe.distance(z, emb[z]) for z in targets)
+        loss = sum((probe.distance(z, emb[z]) for z in targets), torch.zeros(reps, dtype=torch.float64))
         kl = kd_divergence(logits.reshape(reps, *trace.logits.shape), trace.logits, self.temperature,
                            self.kd_divide_by_t)
         return torch.stack([loss.double().cpu(), kl.cpu()])
