@@ -313,7 +313,7 @@ class BertAdapter(HookedAdapter):
         mask = inputs["attention_mask"]
         lengths = mask.sum(1)
         n = mask.shape[0]
-        right_padded = bool((mask == (torch.arange(mask.shape[1]) < lengths[:, None])).all())
+        right_padded = bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all())
         if not self.chunk_size or n <= self.chunk_size or not right_padded:
             return [(torch.arange(n), inputs)]
         order = torch.argsort(lengths, stable=True)
@@ -323,6 +323,22 @@ class BertAdapter(HookedAdapter):
             t = int(lengths[idx].max())
             out.append((idx, {k: (v[idx][:, :t] if v.dim() == 2 else v[idx]) for k, v in inputs.items()}))
         return out
+
+    def forward_embeddings(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every block's FFN output in the padded layout of ``trace`` and the logits, with autograd on, run
+        chunk by chunk without padding (the same values, less work)."""
+        mask = batch["attention_mask"]
+        n, t = mask.shape
+        parts: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        order, logits = [], []
+        for idx, inputs in self._chunks(batch):
+            emb, lg = super().forward_embeddings(inputs)
+            for z, e in enumerate(emb):
+                parts[z].append(nn.functional.pad(e, (0, 0, 0, t - e.shape[1])))
+            order.append(idx)
+            logits.append(lg)
+        back = torch.argsort(torch.cat(order).to(mask.device))  # chunk order -> batch order
+        return [torch.cat(p)[back] for p in parts], torch.cat(logits)[back]
 
     @torch.no_grad()
     def _trace_one(self, inputs: Batch) -> dict:
