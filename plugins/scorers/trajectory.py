@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from optin.contracts import SCALES, Adapter, Batch, RowSelect, ScoreContext, Scorer, TokenAdapter, Trace
+from optin.devices import available_bytes
 from optin.errors import OptinError
 from optin.units import UnitTensors
 
@@ -167,7 +168,7 @@ class TrajectoryScorer(Scorer):
     scores_tokens = True
 
     def __init__(self, temperature: float = 4.0, lambda_kd: float | str = "auto", lambda_contribution: float = 10.0,
-                 rows: int = 768, neuron_group: int | str = "auto", tokens_per_forward: int = 32768,
+                 rows: int = 768, neuron_group: int | str = "auto", tokens_per_forward: int | str = "auto",
                  kd_divide_by_t: bool = True, kinds: list[str] | None = None, tokens: bool = False,
                  estimator: str = "auto", probes: int = 32, tokens_per_backward: int = 2048,
                  target_minutes: float = 5.0, last_block: str = "own", scale: str = "global") -> None:
@@ -175,7 +176,7 @@ class TrajectoryScorer(Scorer):
             raise OptinError(f"neuron_group must be >= 1 (or auto), got {neuron_group}")
         if estimator not in ESTIMATORS + ("auto",):
             raise OptinError(f"unknown trajectory estimator {estimator!r}; use auto, {', '.join(ESTIMATORS)}")
-        if int(probes) < 1 or int(tokens_per_backward) < 1 or int(tokens_per_forward) < 1:
+        if int(probes) < 1 or int(tokens_per_backward) < 1 or (tokens_per_forward != "auto" and int(tokens_per_forward) < 1):
             raise OptinError(f"probes, tokens_per_backward and tokens_per_forward must be >= 1, got {probes}, "
                              f"{tokens_per_backward} and {tokens_per_forward}")
         if last_block not in ("own", "kd"):
@@ -195,7 +196,7 @@ class TrajectoryScorer(Scorer):
         self.contribution = float(lambda_contribution)
         self.rows = int(rows)
         self.neuron_group = neuron_group if neuron_group == "auto" else int(neuron_group)
-        self.tokens_per_forward = int(tokens_per_forward)
+        self.tokens_per_forward = tokens_per_forward if tokens_per_forward == "auto" else int(tokens_per_forward)
         self.kd_divide_by_t = bool(kd_divide_by_t)
         self.kinds = kinds
         self.tokens = bool(tokens)
@@ -325,16 +326,28 @@ class TrajectoryScorer(Scorer):
             ctx.store("plan", plan.encode())
         return plan
 
+    def forward_tokens(self, traces: list[Trace]) -> int:
+        """Token rows one batched exact restart may hold: ``tokens_per_forward``, or ("auto") what a quarter of
+        the memory available now allows for a block's activations (about 16 floats per feature of a row,
+        all replicas at once), at most 32,768 on a CPU (bigger forwards gain nothing there)."""
+        if self.tokens_per_forward != "auto":
+            return int(self.tokens_per_forward)
+        e = traces[0].embeddings[0]
+        per_row = 16 * max(t.shape[-1] if t.dim() >= 3 else t[0].numel() for t in traces[0].embeddings) * e.element_size()
+        fits = available_bytes(e.device) // 4 // max(1, per_row)
+        return int(max(1024, min(fits, 32768 if e.device.type == "cpu" else 1 << 20)))
+
     def _exact_jobs(self, kinds: list[str], counts: dict[str, list[int]], traces: list[Trace], plan: Plan
                     ) -> list[tuple[str, int, int, int, int]]:
         """The exact work in chunks of masks sharing one forward: (kind, layer, batch, first group, groups)."""
         jobs = []
+        budget = self.forward_tokens(traces)
         for kind in kinds:
             for layer, n in enumerate(counts[kind]):
                 n_groups = len(unit_groups(n, plan.group[kind]))
                 for b, tr in enumerate(traces):
                     tokens = max(1, max(e.numel() // e.shape[-1] for e in tr.embeddings))
-                    per = max(1, self.tokens_per_forward // tokens)
+                    per = max(1, budget // tokens)
                     for start in range(0, n_groups, per):
                         jobs.append((kind, layer, b, start, min(per, n_groups - start)))
         return jobs
