@@ -155,38 +155,52 @@ def _pass(adapter: Adapter, batch: Batch, dist: ProbeDistance, duals: list[torch
           n_units: int, n_layers: int, start: int, stop: int, advance: Callable[[int], None], local_layers: int
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch: one forward with the masks, then per probe the backward passes; returns the
-    per-probe gradients (P, units) of the MD probe (own-block term removed) and of the KD probe."""
+    per-probe gradients (P, units) of the MD probe (own-block term removed) and of the KD probe.
+
+    The probes enter the model's backward as gradients of its outputs: ``G_z = d<V_z, M_z>/dF_z`` (from the
+    small graph of the distance alone, on the detached embedding) for every block, ``U`` for the logits;
+    so each backward carries one probe's tensors, never all of them."""
     probes = kd.shape[0]
     g_md = torch.zeros(probes, n_units, dtype=torch.float64)
     g_kd = torch.zeros(probes, n_units, dtype=torch.float64)
     with torch.enable_grad(), adapter.masked(masks):
         embeddings, logits = adapter.forward_embeddings(batch)
-        md_terms = [dist.terms(z, embeddings[z], start, stop, duals[z]) for z in range(n_layers)]
-        total = torch.stack(md_terms).sum(0)  # (P,)
-        kd_terms = (kd * logits.double().unsqueeze(0)).flatten(1).sum(1)  # (P,)
+    terms = _probe_terms(dist, embeddings, start, stop, duals)  # per block: (detached F_z, (P,) terms) or None
+    reached = [z for z in range(n_layers) if terms[z] is not None and embeddings[z].requires_grad]
+    own = {i: [(k, masks[k][i]) for k in masks if masks[k][i].numel()] for i in range(local_layers)}
+    scale = kd.to(logits.dtype)
     for p in range(probes):
-        g_md[p] = _flat(torch.autograd.grad(total[p], flat_masks, retain_graph=True, allow_unused=True), flat_masks)
-        g_md[p] -= _local(md_terms, p, masks, where, n_units, local_layers)
-        g_kd[p] = _flat(torch.autograd.grad(kd_terms[p], flat_masks, retain_graph=p + 1 < probes,
+        last = p + 1 == probes
+        outs = {z: torch.autograd.grad(terms[z][1][p], terms[z][0], retain_graph=not last)[0].to(embeddings[z].dtype)
+                for z in reached}  # d<V_z, M_z>/dF_z for this probe: the small graph of the distance alone
+        grads = torch.autograd.grad([embeddings[z] for z in reached], flat_masks,
+                                    grad_outputs=[outs[z] for z in reached], retain_graph=True, allow_unused=True)
+        g_md[p] = _flat(grads, flat_masks)
+        for i in range(local_layers):  # the unit's own block: a backward from F_i to block i's masks only
+            if own[i] and i in reached:
+                local = torch.autograd.grad(embeddings[i], [m for _, m in own[i]], grad_outputs=outs[i],
+                                            retain_graph=True, allow_unused=True)
+                for (k, m), g in zip(own[i], local):
+                    if g is not None:
+                        g_md[p, where[(k, i)]:where[(k, i)] + m.numel()] -= g.detach().double().cpu()
+        g_kd[p] = _flat(torch.autograd.grad(logits, flat_masks, grad_outputs=scale[p], retain_graph=not last,
                                             allow_unused=True), flat_masks)
         advance(1)
     return g_md, g_kd
 
 
-def _local(md_terms: list[torch.Tensor], p: int, masks: dict[str, list[torch.Tensor]],
-           where: dict[tuple[str, int], int], n_units: int, n_layers: int) -> torch.Tensor:
-    """The z = i part of probe p's gradient, for the units of blocks i < ``n_layers`` (the last block's own
-    term stays unless it is included): a backward of ``<v_i, M_i>`` to block i's masks only."""
-    local = torch.zeros(n_units, dtype=torch.float64)
-    for i in range(n_layers):
-        own = [(k, masks[k][i]) for k in masks if masks[k][i].numel()]
-        if not own or not md_terms[i].requires_grad:
-            continue
-        grads = torch.autograd.grad(md_terms[i][p], [m for _, m in own], retain_graph=True, allow_unused=True)
-        for (k, m), g in zip(own, grads):
-            if g is not None:
-                local[where[(k, i)]:where[(k, i)] + m.numel()] = g.detach().double().cpu()
-    return local
+def _probe_terms(dist: ProbeDistance, embeddings: list[torch.Tensor], start: int, stop: int,
+                 duals: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """For every block, a detached float64 copy of its embedding (requiring grad) and the probe terms
+    ``<V_z, M_z>`` (P,) computed from it: the distance's own small graph, differentiated one probe at a time
+    for the gradient the model's backward starts from. None where the micro-batch holds no sampled row."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for z, e in enumerate(embeddings):
+        f = e.detach().double().requires_grad_(True)
+        with torch.enable_grad():
+            terms = dist.terms(z, f, start, stop, duals[z])
+        out.append((f, terms) if terms.requires_grad else None)
+    return out
 
 
 def unflat(values: torch.Tensor, masks: dict[str, list[torch.Tensor]]) -> UnitTensors:
