@@ -1,4 +1,4 @@
-"""OPTIN trajectory importance (Khaki & Plataniotis, ICLR 2024, Eq. 3), computed exactly.
+"""OPTIN trajectory importance (Khaki & Plataniotis, ICLR 2024, Eq. 3), exact or by its Gauss-Newton estimate.
 
 For unit j of block i: mask it, rerun the model from block i on (cached inputs, several masks per
 forward), and measure how far the later blocks' embeddings (manifold distillation) and the logits
@@ -6,6 +6,11 @@ forward), and measure how far the later blocks' embeddings (manifold distillatio
 The last block uses its own embedding. One fixed token sample per calibration batch (and per token
 count, for models whose stages change it, e.g. Swin) serves every unit. CNN adapters
 (``trajectory_distance = "feature-mse"``) compare batch-averaged feature maps by MSE instead (A.10).
+
+The same quantity is estimated for every unit at once to second order by ``gauss_newton``. A plan, made from
+the model's size and a timed forward pass before any work, chooses per kind between the two (and the neuron
+group size) so that the job fits ``target_minutes``; it is printed, stored with the scores and followed by a
+resumed job and by every process of a ``torchrun`` job.
 """
 from __future__ import annotations
 
@@ -16,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-
 import torch.nn.functional as F
 
 from optin.contracts import SCALES, Adapter, Batch, RowSelect, ScoreContext, Scorer, TokenAdapter, Trace
