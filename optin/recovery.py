@@ -40,6 +40,7 @@ from .units import UnitTensors
 STEPS = ("rearrange", "tune", "reconstruct")
 ALIASES = {"none": (), "ptf": ("rearrange", "tune")}
 RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of X^T X
+PASS = 16  # examples per forward when gathering a layer's statistics (a convolution's patches grow with maps)
 
 
 def parse_steps(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -302,7 +303,7 @@ def _refit(adapter: Adapter, original: Adapter, r: Reader, batches: list[Batch],
     bias = r.module.bias.detach().double().cpu() if r.module.bias is not None else None
     twin = _twin(original, adapter, r.module)
     halves: list = [None, None]  # statistics of the even and the odd calibration rows
-    for batch in batches:
+    for batch in (mb for b in batches for mb in micro_batches(b, PASS)):  # bounded memory (conv patches)
         x = capture(adapter, batch, r.module, output=False).cpu()[:, cols]
         y = capture(original, batch, twin, output=True).cpu()
         even = torch.arange(x.shape[0]) % 2 == 0
