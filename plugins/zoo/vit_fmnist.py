@@ -30,7 +30,7 @@ TASK = "fashion-mnist"
 MEAN, STD = 0.2860, 0.3530  # the task's normalisation (see optin_plugins.tasks.images)
 MODEL_ARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 128, "depth": 6,
               "num_heads": 4, "mlp_ratio": 4.0, "class_token": True, "global_pool": "token"}
-# 20 epochs of the recipe below. A ViT learns slowly from scratch: on a GPU (benchmarks/gpu_figures.py,
+# 15 epochs of the recipe below. A ViT learns slowly from scratch: on a GPU (benchmarks/gpu_figures.py,
 # 2026-11-30) this recipe reached 84.7% test accuracy after 6 epochs and 87.5% after 12 at width 192, and
 # 88.2% after 12 at width 128 (less than half the MACs per image), hence width 128 and 15 epochs. The CPU
 # build reached 89.2% test accuracy in 63 minutes on 2 threads (docs/benchmarks.md, 2026-11-30).
