@@ -436,8 +436,11 @@ def apply_stage(ad: Adapter, masks: UnitTensors, calib: list[Batch], check: Batc
     original = copy.deepcopy(ad)
     steps = parse_steps(cfg.recover)
     t0 = time.perf_counter()
-    with bar("recovering", total=None) as (advance, _):
-        masks, recovery = recover(ad, original, masks, calib, steps, advance=advance)
+    if steps:
+        with bar(f"recovering ({', '.join(steps)})", total=None) as (advance, _):
+            masks, recovery = recover(ad, original, masks, calib, steps, advance=advance)
+    else:
+        recovery = {"steps": [], "layers": []}
     recovery["seconds"] = time.perf_counter() - t0
     with torch.no_grad(), ad.masked(masks):
         expected = ad.logits(check)
