@@ -157,6 +157,8 @@ def list_cmd(as_json: bool) -> None:
     for n, m in models.items():
         t2.add_row("model", n + (" (default)" if n == DEFAULT_MODEL else ""), m.description)
     out.print(t2)
+    out.print("Named models and your own folders get the same defaults: the trajectory scorer plans its work from "
+              "the model and prints the plan with an estimated time (docs/plugins.md, trajectory).")
     for name, why in broken.items():
         out.print(f"[red]hook plugin {name} failed to load[/red]: {why}")
     for name, why in conflicts.items():
