@@ -83,7 +83,8 @@ def bert_timings(device: str, dtypes: list[str], log, smoke: bool = False) -> li
     from optin.contracts import ScoreContext
     from optin.devices import resolve_dtype, to_device
     from optin_plugins.adapters.bert import BertAdapter
-    from optin_plugins.scorers.trajectory import TrajectoryScorer, restart_cost
+    from optin_plugins.scorers.trajectory import TrajectoryScorer
+    from optin_plugins.scorers.trajectory_plan import restart_cost
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, num_labels=6)

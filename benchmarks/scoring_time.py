@@ -40,7 +40,8 @@ def measure(model: str, what: str, calib: int, sample: int, threads: int) -> dic
     import optin
     from optin.contracts import ScoreContext
     from optin_plugins.adapters.bert import BertAdapter
-    from optin_plugins.scorers.trajectory import TrajectoryScorer, restart_cost
+    from optin_plugins.scorers.trajectory import TrajectoryScorer
+    from optin_plugins.scorers.trajectory_plan import restart_cost
     from transformers import BertConfig, BertForSequenceClassification
 
     sys.path.insert(0, str(Path(__file__).parent))

@@ -14,10 +14,8 @@ resumed job and by every process of a ``torchrun`` job.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -29,6 +27,7 @@ from optin.errors import OptinError
 from optin.units import UnitTensors
 
 from . import gauss_newton as gn
+from .trajectory_plan import Plan, minutes, restart_cost
 from .distances import (batch_mean, feature_mse, kd_divergence, manifold_distance, relation_map, sample_rows,
                         select_rows)
 
@@ -119,49 +118,6 @@ def combine(md: UnitTensors, kd: UnitTensors, lambda_kd: float | str, contributi
     else:
         lam = float(lambda_kd)
     return {k: [m + lam * q for m, q in zip(md[k], kd[k])] for k in md}, lam
-
-
-@dataclass
-class Plan:
-    """How a scoring job runs: per kind exact (one masked restart per group of ``group`` units) or
-    Gauss-Newton (``probes`` probes for every unit at once), and the time it is expected to take."""
-
-    estimator: dict[str, str]
-    group: dict[str, int]
-    probes: int
-    seconds: float
-    forward_seconds: float
-
-    SIZE = 4096  # bytes of an encoded plan (sent between processes as a fixed-size tensor)
-
-    def encode(self) -> torch.Tensor:
-        data = json.dumps({"estimator": self.estimator, "group": self.group, "probes": self.probes,
-                           "seconds": self.seconds, "forward_seconds": self.forward_seconds}).encode()
-        if len(data) > self.SIZE:
-            raise OptinError("trajectory plan too large to share between processes")
-        out = torch.zeros(self.SIZE, dtype=torch.float64)
-        out[:len(data)] = torch.tensor(list(data), dtype=torch.float64)
-        return out
-
-    @classmethod
-    def decode(cls, t: torch.Tensor) -> "Plan":
-        data = bytes(int(v) for v in t.tolist() if v > 0)
-        return cls(**json.loads(data.decode()))
-
-    def describe(self, counts: dict[str, list[int]]) -> str:
-        approx = [f"{sum(counts[k]):,} {k}" for k, how in self.estimator.items() if how != "exact"]
-        exact = [f"{sum(counts[k]):,} {k}" + (f" (groups of {self.group[k]})" if self.group[k] > 1 else "")
-                 for k, how in self.estimator.items() if how == "exact"]
-        parts = ([f"{' + '.join(approx)} by Gauss-Newton ({self.probes} probes)"] if approx else []) + \
-            ([f"{' + '.join(exact)} exactly (one masked restart each)"] if exact else [])
-        return "; ".join(parts)
-
-
-def restart_cost(n_layers: int, layer: int, kind: str) -> float:
-    """A masked restart at ``layer`` in forward passes of the batch: the later blocks in full, the masked
-    block's part after the unit (little for FFN neurons, the FFN for heads) - a planning estimate."""
-    own = {"neurons": 0.1, "channels": 0.5, "heads": 0.6}.get(kind, 1.0)
-    return (n_layers - layer - 1 + own) / n_layers
 
 
 class TrajectoryScorer(Scorer):
@@ -288,7 +244,7 @@ class TrajectoryScorer(Scorer):
         self.plan = plan = self._agreed(plan, ctx)
         ctx.note(f"trajectory: {plan.describe(counts)} on {sum(int(t.logits.shape[0]) for t in traces)} "
                  f"calibration examples; one forward pass takes {forward_seconds:.2f} s, so about "
-                 f"{_minutes(plan.seconds)} in all" + (f" on {ctx.world} processes (less)" if ctx.world > 1 else ""))
+                 f"{minutes(plan.seconds)} in all" + (f" on {ctx.world} processes (less)" if ctx.world > 1 else ""))
         approximate = [k for k in kinds if plan.estimator[k] == "gauss-newton"]
         exact = [k for k in kinds if plan.estimator[k] == "exact"]
         jobs = self._exact_jobs(exact, counts, traces, plan)
@@ -428,15 +384,9 @@ class TrajectoryScorer(Scorer):
         reps = masks.shape[0]
         targets = [z for z in range(layer + 1, n_layers)] or ([layer] if self.last_block == "own" else [])
         emb, logits = adapter.run_from(trace, kind, layer, masks, batch, select=probe.selector(reps))
-        loss = sum((probe.distance(z, emb[z]) for z in targets), torch.zeros(reps, dtype=torch.float64))
+        loss = torch.zeros(reps, dtype=torch.float64)  # (no target: the last block scored by KD only)
+        for z in targets:
+            loss += probe.distance(z, emb[z]).double().cpu()
         kl = kd_divergence(logits.reshape(reps, *trace.logits.shape), trace.logits, self.temperature,
                            self.kd_divide_by_t)
-        return torch.stack([loss.double().cpu(), kl.cpu()])
-
-
-def _minutes(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return torch.stack([loss, kl.cpu()])
