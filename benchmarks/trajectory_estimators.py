@@ -52,7 +52,8 @@ def main() -> None:
     task = resolve_task(args.task, None, args.model)
     batch = batches_of(ad, sample(task.examples("train"), args.calib_size, args.seed), args.calib_size)
     options = json.loads(args.options)
-    cache = Path(args.exact_cache or f"benchmarks/results/.exact-{args.model}-c{args.calib_size}-s{args.seed}.safetensors")
+    cache = Path(args.exact_cache or f"benchmarks/runs/exact-{args.model}-c{args.calib_size}-s{args.seed}.safetensors")
+    cache.parent.mkdir(parents=True, exist_ok=True)
     if cache.is_file():
         exact, t_exact = Scores.load(cache), json.loads(cache.with_suffix(".json").read_text())["seconds"]
     else:
