@@ -13,7 +13,7 @@ Any searcher's masks pass through these steps (``--recover``), in this order:
 - ``reconstruct`` (beyond PTF, DESIGN.md 3.9): the reading layer's weights for its kept inputs and its bias
   are refit in closed form, ``min ||X_k W'^T + b' - Y||^2 + lam ||W' - W_k||^2``, X_k the kept units'
   activations computed through the already-recovered earlier layers, Y the unpruned layer's output; lam
-  is chosen by a two-fold split of the calibration rows (fit on one half, score on the other). A reading
+  is chosen by fitting on the even calibration rows and scoring on the odd ones, then the fit uses all. A reading
   layer that loses every input keeps only its bias, set to the mean output (FLAP's bias compensation).
 
 Layers are recovered in the order the forward reaches them. The reading layer of a unit kind is
@@ -39,7 +39,7 @@ from .units import UnitTensors
 
 STEPS = ("rearrange", "tune", "reconstruct")
 ALIASES = {"none": (), "ptf": ("rearrange", "tune")}
-RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of X^T X
+RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of X^T X
 PASS = 16  # examples per forward when gathering a layer's statistics (a convolution's patches grow with maps)
 
 
@@ -243,9 +243,12 @@ def recover(adapter: Adapter, original: Adapter, masks: UnitTensors, batches: li
         return masks, info
     todo = readers(adapter, masks, batches[0])
     with adapter.masked(masks):
-        for r in todo:
-            info["layers"].append(_refit(adapter, original, r, batches, refit))
-            advance(1)
+        if len(batches) == 1:  # the CLI's case: two forward passes in all
+            info["layers"] = _refit_in_one_pass(adapter, original, todo, batches[0], refit, advance)
+        else:
+            for r in todo:
+                info["layers"].append(_refit(adapter, original, r, batches, refit))
+                advance(1)
     return masks, info
 
 
@@ -297,19 +300,64 @@ def _stats(rows_x: torch.Tensor, rows_y: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _refit(adapter: Adapter, original: Adapter, r: Reader, batches: list[Batch], how: str) -> dict:
-    """Tune the kept units' scales, or reconstruct the reading layer's kept weights and bias, for one layer."""
+    """Tune or reconstruct one reading layer from statistics gathered over several calibration batches (one
+    forward of each model per micro-batch, stopped at the layer)."""
     cols = r.columns()
-    w = _weight_matrix(r.module).double().cpu()
-    bias = r.module.bias.detach().double().cpu() if r.module.bias is not None else None
     twin = _twin(original, adapter, r.module)
-    halves: list = [None, None]  # statistics of the even and the odd calibration rows
+    halves: list = [None, None]
     for batch in (mb for b in batches for mb in micro_batches(b, PASS)):  # bounded memory (conv patches)
         x = capture(adapter, batch, r.module, output=False).cpu()[:, cols]
         y = capture(original, batch, twin, output=True).cpu()
-        even = torch.arange(x.shape[0]) % 2 == 0
-        for i, sel in enumerate((even, ~even)):
-            got = _stats(x[sel], y[sel])
+        halves = _accumulate(halves, x, y)
+    return _solve(r, halves, how)
+
+
+def _refit_in_one_pass(adapter: Adapter, original: Adapter, todo: list[Reader], batch: Batch, how: str,
+                       advance: Callable[[int], None]) -> list[dict]:
+    """Every reading layer of one calibration batch in one forward pass: the unpruned outputs of all of them
+    come from one forward of ``original``; then, in one forward of ``adapter``, each layer is refit in a hook
+    just before it runs (from its input at that moment, which the layers refit before it already shaped) and
+    the forward goes on with the new weights: the sequential algorithm at the cost of two forward passes."""
+    valid = adapter.valid_tokens(batch)
+    targets: dict[int, torch.Tensor] = {}
+    twins = {id(r.module): _twin(original, adapter, r.module) for r in todo}
+    grab = [twins[id(r.module)].register_forward_hook(
+        lambda m, a, o, i=i: targets.__setitem__(i, output_rows(m, o, valid).float().cpu())) for i, r in enumerate(todo)]
+    with removing(grab), torch.no_grad():
+        original.logits(batch)
+    records: list[dict] = []
+
+    def refit(i: int, r: Reader, module: nn.Module, args: tuple) -> None:
+        x = design_rows(module, args[0], valid).cpu()[:, r.columns()]
+        records.append(_solve(r, _accumulate([None, None], x, targets.pop(i)), how))
+        advance(1)
+
+    hooks = [r.module.register_forward_pre_hook(lambda m, a, i=i, r=r: refit(i, r, m, a)) for i, r in enumerate(todo)]
+    with removing(hooks), torch.no_grad():
+        adapter.logits(batch)
+    if len(records) != len(todo):
+        raise OptinError(f"adapter {adapter.name!r}: the forward reached {len(records)} of the {len(todo)} layers "
+                         "that read pruned units")
+    return records
+
+
+def _accumulate(halves: list, x: torch.Tensor, y: torch.Tensor, chunk: int = 16384) -> list:
+    """Add the statistics of the even and of the odd rows of (x, y) to ``halves`` (float64, in row chunks)."""
+    even = torch.arange(x.shape[0]) % 2 == 0
+    for i, sel in enumerate((even, ~even)):
+        xs, ys = x[sel], y[sel]
+        for at in range(0, xs.shape[0], chunk):
+            got = _stats(xs[at:at + chunk].double(), ys[at:at + chunk].double())
             halves[i] = got if halves[i] is None else tuple(a + b for a, b in zip(halves[i], got))
+    return halves
+
+
+def _solve(r: Reader, halves: list, how: str) -> dict:
+    """Tune the kept units' scales, or reconstruct the reading layer's kept weights and bias, from the
+    statistics of the even and odd calibration rows; write them into the layer; return the record."""
+    cols = r.columns()
+    w = _weight_matrix(r.module).double().cpu()
+    bias = r.module.bias.detach().double().cpu() if r.module.bias is not None else None
     (a1, c1, y1), (a2, c2, y2) = halves
     gram, cross, ysq = a1 + a2, c1 + c2, y1 + y2
     b0 = bias if bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
@@ -331,8 +379,7 @@ def _refit(adapter: Adapter, original: Adapter, r: Reader, batches: list[Batch],
         record["scale_range"] = [float(s.min()), float(s.max())]
         return record
     scale = float(torch.diagonal(gram)[:-1].mean())
-    best = min(RIDGES, key=lambda lam: _residual(a2, c2, y2, ridge_fit(a1, c1, wk, lam * scale)) +
-               _residual(a1, c1, y1, ridge_fit(a2, c2, wk, lam * scale)))
+    best = min(RIDGES, key=lambda lam: _residual(a2, c2, y2, ridge_fit(a1, c1, wk, lam * scale)))
     fitted = ridge_fit(gram, cross, wk, best * scale)
     _set_columns(r.module, cols, fitted[:, :-1], fitted[:, -1] if bias is not None else None)
     record["ridge"] = best

@@ -105,3 +105,18 @@ def test_recovered_model_pruned_equals_recovered_masked(name, steps):
     with torch.no_grad():
         got = ad.logits(t.batch)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), float((got - expected).abs().max())
+
+
+def test_one_pass_equals_layer_by_layer():
+    """With one calibration batch every reading layer is refit in one forward (hooks refit each layer just before
+    it runs); the result equals refitting them one after the other with a forward each."""
+    t = tiny("bert")
+    scores = optin.score(t.adapter, [t.batch], "random", seed=3)
+    masks, _ = optin.search(t.adapter, scores, 0.6, t.seq_len, allow_degenerate=True)
+    one, layered = copy.deepcopy(t.adapter), copy.deepcopy(t.adapter)
+    recovery.recover(one, copy.deepcopy(t.adapter), masks, [t.batch], ("reconstruct",))
+    with layered.masked(masks):
+        for r in recovery.readers(layered, masks, t.batch):
+            recovery._refit(layered, t.adapter, r, [t.batch], "reconstruct")
+    for (name, a), (_, b) in zip(one.model.named_parameters(), layered.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
