@@ -4,6 +4,11 @@ not show: each recovery setting against the first one (same scorer), and every s
 (same recovery setting).
 
     python benchmarks/compare_tables.py benchmarks/runs/compare-minilm-trec --against fisher
+
+Given a ``trajectory_ablation`` JSON instead of a folder, it prints the ablation as one table: per variant
+and (budget, recovery) the metric and the paired difference against the default.
+
+    python benchmarks/compare_tables.py benchmarks/results/trajectory_ablation-minilm-trec.json
 """
 from __future__ import annotations
 
@@ -33,11 +38,35 @@ def fmt(s: dict, signed: bool = False) -> str:
     return f"**{text}**" if signed and s.get("excludes_zero") else text
 
 
+def ablation(path: Path) -> None:
+    """One table of a trajectory_ablation result: metric (difference vs the default [95% CI])."""
+    import json
+
+    d = json.loads(path.read_text())
+    cols = [(b, r) for b in d["budgets"] for r in d["recover"]]
+    variants = list(dict.fromkeys(k.split("|")[0] for k in [*d["rows"], *d.get("errors", {})]))
+    print(f"unpruned: {fmt(d['unpruned'])}\n")
+    print("| variant | " + " | ".join(f"{b:g}, {r}" for b, r in cols) + " |\n|---|" + "---|" * len(cols))
+    for v in variants:
+        cells = []
+        for b, r in cols:
+            row = d["rows"].get(f"{v}|{b}|{r}")
+            if row is None:
+                bad = [k.split("|")[-1] for k in d.get("errors", {}) if k.startswith(f"{v}|{b}|{r}|")]
+                cells.append(f"refused as degenerate (seed {', '.join(bad)})" if bad else "")
+                continue
+            diff = row.get("vs_default")
+            cells.append(f"{row['mean']:.3f}" + (f" ({fmt(diff, True)})" if diff else ""))
+        print(f"| {v} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder", type=Path)
     ap.add_argument("--against", default="fisher", help="the scorer the others are compared with")
     args = ap.parse_args()
+    if args.folder.suffix == ".json":
+        return ablation(args.folder)
     arrays, base, _ = load(args.folder)
     counts = stats.resample_counts(len(base))
     scorers = list(dict.fromkeys(k[0] for k in arrays))

@@ -17,6 +17,7 @@ from .errors import OptinError
 from .hooks import broken, conflicts, plugin_manager
 from .models import named_models
 from .progress import set_quiet
+from .recovery import DEFAULT_RECOVER
 from .tasks import known_tasks
 
 DEFAULT_MODEL = "minilm-trec"
@@ -213,7 +214,7 @@ def prune_options(fn):
                      help="Fraction of MACs to keep, in (0, 1]."),
         click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1)),
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
-        click.option("--recover", default="none", show_default=True, metavar="STEPS",
+        click.option("--recover", default=DEFAULT_RECOVER, show_default=True, metavar="STEPS",
                      help="After the search, before removal: none, ptf (rearrange,tune), or a comma-separated list "
                           "of rearrange, tune, reconstruct (least-squares refit of the layers that read pruned units)."),
         click.option("--allow-degenerate", is_flag=True,
@@ -551,7 +552,7 @@ def _compare_table(result: dict) -> Table:
               help="Fractions of MACs to keep, each in (0, 1].")
 @multi_option("--seeds", "--seed", "seeds", type=int, default=(0,), show_default=True, metavar="INT ...",
               help="Calibration seeds (the held-out examples are the same for all).")
-@multi_option("--recover", "recover", default=("none",), show_default=True, metavar="STEPS ...",
+@multi_option("--recover", "recover", default=(DEFAULT_RECOVER,), show_default=True, metavar="STEPS ...",
               help="Recovery settings to compare, each as `optin run --recover` takes it.")
 @multi_option("--reducers", "--reducer", "reducers", default=(), metavar="NAME ...",
               help="Token reducers to compare (vision; `none` for no reducer) [default: none].")

@@ -40,13 +40,13 @@ from .measure import metric_of_examples, params, per_example, timings
 from .outputs import lock_path
 from .progress import bar, say
 from .rankings import Scores, fingerprint
+from .recovery import DEFAULT_RECOVER
 from .recipe import (Plugins, RunConfig, apply_stage, batches_of, calibration_stage, check_budget, choose_plugins,
                      load_stage, make_scorer, require_tokens, score, search_stage, token_stage)
 from .tasks import Task, sample
 from .units import kept_counts
 
 EVAL_SEED = 0  # the held-out sample of `optin run --seed 0`, the same for every seed and configuration
-NO_RECOVERY = "none"
 CELLS = "cells.jsonl"
 SCORES_DIR = "scores"
 OUTPUTS = ("compare.json", "compare.md", "compare.png")
@@ -69,7 +69,7 @@ class CompareConfig:
     scorers: list[str] = field(default_factory=list)
     budgets: list[float] = field(default_factory=lambda: [0.6])
     seeds: list[int] = field(default_factory=lambda: [0])
-    recover: list[str] = field(default_factory=lambda: [NO_RECOVERY])
+    recover: list[str] = field(default_factory=lambda: [DEFAULT_RECOVER])
     reducers: list[str | None] = field(default_factory=lambda: [None])  # None: no token reducer
     reference: str | None = None  # the scorer paired differences are taken against (default: the first)
     searcher: str = "ptf"
@@ -123,7 +123,7 @@ def check(config: CompareConfig) -> tuple[CompareConfig, list[Combination]]:
         cfg.seeds = _unique([int(s) for s in cfg.seeds])
     except (TypeError, ValueError):
         raise OptinError(f"--seeds must be integers, got {list(config.seeds)}") from None
-    cfg.recover = _unique([str(r) for r in cfg.recover]) or [NO_RECOVERY]
+    cfg.recover = _unique([str(r) for r in cfg.recover]) or [DEFAULT_RECOVER]
     cfg.reducers = _unique([None if r in (None, "", "none") else str(r) for r in cfg.reducers]) or [None]
     cfg.reference = cfg.reference or cfg.scorers[0]
     if cfg.reference not in cfg.scorers:
@@ -444,9 +444,9 @@ def _compare_locked(cfg: CompareConfig, combos: list[Combination], folder: Path)
 # --- the results -------------------------------------------------------------------------------------
 def label(scorer: str, recover: str, reducer: str | None, cfg: CompareConfig) -> str:
     """A configuration's name in tables and plots: the scorer, the recovery setting where more than one is
-    compared or it is not "none", the reducer where there is one."""
+    compared or it is not the default, the reducer where there is one."""
     parts = [scorer]
-    if len(cfg.recover) > 1 or recover != NO_RECOVERY:
+    if len(cfg.recover) > 1 or recover != DEFAULT_RECOVER:
         parts.append(f"recover={recover}")
     if reducer is not None:
         parts.append(f"reducer={reducer}")

@@ -29,7 +29,7 @@ from .measure import evaluate, params, throughput
 from .outputs import MODEL, PARTIAL, REPORT, SCORES, OutputFolder
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
-from .recovery import parse_steps, recover
+from .recovery import DEFAULT_RECOVER, parse_steps, recover as recover_masks
 from .rankings import Checkpoint, Scores, check_unit_tensors, fingerprint
 from .scales import to_common_scale
 from .tasks import Task, file_task, get_task, known_tasks, sample
@@ -193,12 +193,16 @@ class PruneResult:
 def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "trajectory", searcher: str = "ptf",
           budget: float = 0.6, scores: Scores | str | Path | None = None, options: dict | None = None,
           seed: int = 0, processor: Any = None, adapter: str | None = None,
-          checkpoint: str | Path | None = None, allow_degenerate: bool = False) -> PruneResult:
+          checkpoint: str | Path | None = None, allow_degenerate: bool = False,
+          recover: str = DEFAULT_RECOVER) -> PruneResult:
     """Prune ``model`` in place to ``budget`` of its MACs using calibration batches ``data``.
 
     ``scores`` (a Scores object or a saved scores file) skips scoring: the same scores serve any budget.
     A degenerate result (every unit of a layer or a kind removed) is refused unless ``allow_degenerate``.
+    ``recover`` (as ``optin run --recover``: ``none``, ``ptf`` or steps of rearrange/tune/reconstruct) runs
+    on the masked model before removal, from ``data``; what it did is in ``info["recovery"]``.
     """
+    steps = parse_steps(recover)
     budget = check_budget(budget)
     ad = as_adapter(model, processor, adapter)
     if scores is None:
@@ -208,9 +212,12 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
         scores.check_matches(ad.name, fingerprint(ad.model), ad.unit_counts())
     seq_len = ad.seq_len(data)
     masks, costs = _search(ad, scores, budget, seq_len, searcher, options, allow_degenerate)
+    recovery: dict = {"steps": [], "layers": []}
+    if steps:
+        masks, recovery = recover_masks(ad, copy.deepcopy(ad), masks, data, steps)
     ad.prune(masks)
     return PruneResult(ad, masks, scores, costs.macs(), costs.macs_of_masks(masks),
-                       {"seq_len": seq_len, "kept": kept_counts(masks)})
+                       {"seq_len": seq_len, "kept": kept_counts(masks), "recovery": recovery})
 
 
 def check_target(adapter: Adapter, task: Task, source: str) -> None:
@@ -320,7 +327,7 @@ class RunConfig:
     allow_degenerate: bool = False  # accept a search result that empties a layer or a kind, or removes every unit
     device: str = "cpu"
     dtype: str = "float32"
-    recover: str = "none"  # recovery steps after the search: none, ptf, or rearrange/tune/reconstruct (comma-separated)
+    recover: str = DEFAULT_RECOVER  # recovery steps after the search: none, ptf, or rearrange/tune/reconstruct (comma-separated)
 
     def checked(self) -> "RunConfig":
         """A copy with the budget and sizes validated (the only place a run checks them)."""
@@ -438,7 +445,7 @@ def apply_stage(ad: Adapter, masks: UnitTensors, calib: list[Batch], check: Batc
     t0 = time.perf_counter()
     if steps:
         with bar(f"recovering ({', '.join(steps)})", total=None) as (advance, _):
-            masks, recovery = recover(ad, original, masks, calib, steps, advance=advance)
+            masks, recovery = recover_masks(ad, original, masks, calib, steps, advance=advance)
     else:
         recovery = {"steps": [], "layers": []}
     recovery["seconds"] = time.perf_counter() - t0

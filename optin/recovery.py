@@ -38,6 +38,7 @@ from .hooking import removing
 from .units import UnitTensors
 
 STEPS = ("rearrange", "tune", "reconstruct")
+DEFAULT_RECOVER = "reconstruct"  # measured best on minilm-trec and vgg-fmnist (docs/benchmarks.md, 2026-11-30)
 ALIASES = {"none": (), "ptf": ("rearrange", "tune")}
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of X^T X
 PASS = 16  # examples per forward when gathering a layer's statistics (a convolution's patches grow with maps)

@@ -207,7 +207,8 @@ TEXTS = ["the movie was very good and fun", "the plot was so awful and boring", 
 def test_run_end_to_end(workspace, tmp_path):
     out = tmp_path / "out"
     res = invoke("run", "--model", workspace["model"], "--data", workspace["data"], "--scorer", "magnitude",
-                 "--budget", "0.6", "--output", out, "--calib-size", "16", "--eval-size", "32", "--quiet")
+                 "--budget", "0.6", "--output", out, "--calib-size", "16", "--eval-size", "32", "--quiet",
+                 "--recover", "none")  # removal alone: the export equals the original with the units masked
     assert res.exit_code == 0, res.output + repr(res.exception)
     report = json.loads((out / "report.json").read_text())
     for key in REPORT_KEYS:
@@ -240,7 +241,8 @@ def test_score_then_prune_without_rescoring(workspace, tmp_path):
 
     out = tmp_path / "pruned"
     res = invoke("prune", "--model", workspace["model"], "--data", workspace["data"], "--scores", scores_file,
-                 "--budget", "0.5", "--output", out, "--calib-size", "16", "--eval-size", "32", "--quiet")
+                 "--budget", "0.5", "--output", out, "--calib-size", "16", "--eval-size", "32", "--quiet",
+                 "--recover", "none")
     assert res.exit_code == 0, res.output + repr(res.exception)
     report = json.loads((out / "report.json").read_text())
     assert report["seconds_scoring"] == 0
@@ -249,6 +251,22 @@ def test_score_then_prune_without_rescoring(workspace, tmp_path):
     assert report["macs_after"] <= 0.5 * report["macs_before"]
     assert not (out / "scores.safetensors").exists()  # nothing was rescored
     _check_export(report, out, workspace, TEXTS)
+
+
+def test_default_recipe_reconstructs(workspace, tmp_path):
+    """By default the layers reading pruned units are refit (--recover reconstruct): the export is the
+    recovered masked model (checked in the run), no longer the original with the units masked."""
+    out = tmp_path / "out"
+    res = invoke("run", "--model", workspace["model"], "--data", workspace["data"], "--scorer", "magnitude",
+                 "--budget", "0.6", "--output", out, "--calib-size", "16", "--eval-size", "32", "--quiet")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    report = json.loads((out / "report.json").read_text())
+    assert report["recover"] == ["reconstruct"]
+    layers = report["recovery"]["layers"]
+    assert layers and all(r.get("error_after", r["error_before"]) <= r["error_before"] + 1e-9 for r in layers)
+    assert report["max_abs_diff_vs_masked"] <= 1e-4  # pruned == recovered masked
+    with pytest.raises(AssertionError):
+        _check_export(report, out, workspace, TEXTS)  # the kept weights were refit
 
 
 @pytest.mark.parametrize("options_in", ["config", "command line"])
