@@ -215,8 +215,10 @@ def prune_options(fn):
         click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1)),
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
         click.option("--recover", default=DEFAULT_RECOVER, show_default=True, metavar="STEPS",
-                     help="After the search, before removal: none, ptf (rearrange,tune), or a comma-separated list "
-                          "of rearrange, tune, reconstruct (least-squares refit of the layers that read pruned units)."),
+                     help="After the search, before removal: auto (reconstruct where the adapter names the layers "
+                          "that read its units: every built-in does), none, ptf (rearrange,tune), or a comma-separated "
+                          "list of rearrange, tune, reconstruct (least-squares refit of the layers that read pruned "
+                          "units)."),
         click.option("--allow-degenerate", is_flag=True,
                      help="Accept a pruned model that loses every unit of a layer or of a kind (refused without it)."),
         click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,

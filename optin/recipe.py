@@ -29,7 +29,7 @@ from .measure import evaluate, params, throughput
 from .outputs import MODEL, PARTIAL, REPORT, SCORES, OutputFolder
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
-from .recovery import DEFAULT_RECOVER, parse_steps, recover as recover_masks
+from .recovery import DEFAULT_RECOVER, parse_steps, recover as recover_masks, steps_for
 from .rankings import Checkpoint, Scores, check_unit_tensors, fingerprint
 from .scales import to_common_scale
 from .tasks import Task, file_task, get_task, known_tasks, sample
@@ -199,10 +199,10 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
 
     ``scores`` (a Scores object or a saved scores file) skips scoring: the same scores serve any budget.
     A degenerate result (every unit of a layer or a kind removed) is refused unless ``allow_degenerate``.
-    ``recover`` (as ``optin run --recover``: ``none``, ``ptf`` or steps of rearrange/tune/reconstruct) runs
-    on the masked model before removal, from ``data``; what it did is in ``info["recovery"]``.
+    ``recover`` (as ``optin run --recover``: ``auto``, ``none``, ``ptf`` or steps of rearrange/tune/reconstruct)
+    runs on the masked model before removal, from ``data``; what it did is in ``info["recovery"]``.
     """
-    steps = parse_steps(recover)
+    parse_steps(recover)
     budget = check_budget(budget)
     ad = as_adapter(model, processor, adapter)
     if scores is None:
@@ -212,6 +212,7 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
         scores.check_matches(ad.name, fingerprint(ad.model), ad.unit_counts())
     seq_len = ad.seq_len(data)
     masks, costs = _search(ad, scores, budget, seq_len, searcher, options, allow_degenerate)
+    steps, _ = steps_for(recover, ad)
     recovery: dict = {"steps": [], "layers": []}
     if steps:
         masks, recovery = recover_masks(ad, copy.deepcopy(ad), masks, data, steps)
@@ -327,7 +328,7 @@ class RunConfig:
     allow_degenerate: bool = False  # accept a search result that empties a layer or a kind, or removes every unit
     device: str = "cpu"
     dtype: str = "float32"
-    recover: str = DEFAULT_RECOVER  # recovery steps after the search: none, ptf, or rearrange/tune/reconstruct (comma-separated)
+    recover: str = DEFAULT_RECOVER  # recovery after the search: auto, none, ptf, or rearrange/tune/reconstruct (comma-separated)
 
     def checked(self) -> "RunConfig":
         """A copy with the budget and sizes validated (the only place a run checks them)."""
@@ -441,7 +442,9 @@ def apply_stage(ad: Adapter, masks: UnitTensors, calib: list[Batch], check: Batc
     model on ``check``, then re-estimate stale statistics. Returns the unpruned original, the final masks
     (rearrangement may change which units go) and what was done."""
     original = copy.deepcopy(ad)
-    steps = parse_steps(cfg.recover)
+    steps, note = steps_for(cfg.recover, ad)
+    if note:
+        say(note)
     t0 = time.perf_counter()
     if steps:
         with bar(f"recovering ({', '.join(steps)})", total=None) as (advance, _):

@@ -38,7 +38,8 @@ from .hooking import removing
 from .units import UnitTensors
 
 STEPS = ("rearrange", "tune", "reconstruct")
-DEFAULT_RECOVER = "reconstruct"  # measured best on minilm-trec and vgg-fmnist (docs/benchmarks.md, 2026-11-30)
+DEFAULT_RECOVER = "auto"  # reconstruct where the adapter names its reading layers: measured best (docs/benchmarks.md)
+AUTO = ("reconstruct",)
 ALIASES = {"none": (), "ptf": ("rearrange", "tune")}
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of X^T X
 PASS = 16  # examples per forward when gathering a layer's statistics (a convolution's patches grow with maps)
@@ -49,6 +50,8 @@ def parse_steps(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ..
     if text is None:
         return ()
     parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    if parts == ["auto"]:
+        return AUTO
     steps: list[str] = []
     for p in parts:
         if p in ALIASES:
@@ -56,11 +59,28 @@ def parse_steps(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ..
         elif p in STEPS:
             steps.append(p)
         else:
-            raise OptinError(f"unknown recovery step {p!r}; use none, ptf, or a comma-separated list of "
+            raise OptinError(f"unknown recovery step {p!r}; use auto, none, ptf, or a comma-separated list of "
                              f"{', '.join(STEPS)} (e.g. --recover rearrange,reconstruct)")
     if "tune" in steps and "reconstruct" in steps:
         raise OptinError("--recover: tune and reconstruct both refit the reading layers; pick one")
     return tuple(s for s in STEPS if s in steps)
+
+
+def steps_for(text: str | list[str] | tuple[str, ...] | None, adapter: Adapter) -> tuple[tuple[str, ...], str | None]:
+    """The recovery steps to run on ``adapter``, and a note when ``auto`` runs none: ``auto`` is
+    ``reconstruct`` where the adapter names the layer reading every kind of unit it has
+    (``Adapter.unit_reader``; every built-in adapter does), else no recovery. Explicit steps are run as given
+    (and refused by ``recover`` where a reading layer is missing)."""
+    steps = parse_steps(text)
+    auto = isinstance(text, str) and text.strip() == "auto"
+    if not auto:
+        return steps, None
+    missing = [k for k, ns in adapter.unit_counts().items()
+               if any(n and adapter.unit_reader(k, i) is None for i, n in enumerate(ns))]
+    if missing:
+        return (), (f"recovery: none (adapter {adapter.name!r} names no layer reading its {', '.join(missing)}; "
+                    "--recover auto reconstructs only where Adapter.unit_reader does)")
+    return steps, None
 
 
 # --- pure algorithms on tensors ----------------------------------------------------------------------

@@ -78,6 +78,25 @@ def test_steps_parse_and_bad_steps_are_refused():
         recovery.parse_steps("retrain")
     with pytest.raises(OptinError, match="pick one"):
         recovery.parse_steps("tune,reconstruct")
+    assert recovery.parse_steps("auto") == ("reconstruct",)
+
+
+def test_auto_reconstructs_only_where_the_adapter_names_its_readers(monkeypatch):
+    """The default `auto` reconstructs on adapters that name the layers reading their units and runs no
+    recovery (with a note naming the kind) on one that does not; an explicit step is still refused there."""
+    t = tiny("bert")
+    assert recovery.steps_for("auto", t.adapter) == (("reconstruct",), None)
+    monkeypatch.setattr(type(t.adapter), "unit_reader", lambda self, kind, layer: None)
+    steps, note = recovery.steps_for("auto", t.adapter)
+    assert steps == () and "heads, neurons" in note
+    assert recovery.steps_for("reconstruct", t.adapter) == (("reconstruct",), None)
+    reference = copy.deepcopy(t.adapter)
+    result = optin.prune(t.adapter, [t.batch], scorer="magnitude", budget=0.6)  # the default: auto
+    assert result.info["recovery"]["steps"] == []
+    with torch.no_grad(), reference.masked(result.masks):
+        assert torch.allclose(t.adapter.logits(t.batch), reference.logits(t.batch), atol=1e-5)  # weights untouched
+    with pytest.raises(OptinError, match="unit_reader"):
+        optin.prune(copy.deepcopy(reference), [t.batch], scorer="magnitude", budget=0.6, recover="reconstruct")
 
 
 # --- on every adapter -----------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ class TrajectoryScorer(Scorer):
         def seconds(estimator: dict[str, str], group: dict[str, int]) -> float:
             exact = forward_seconds * sum(len(unit_groups(n, group[k])) * restart_cost(n_layers, i, k)
                                           for k in kinds if estimator[k] == "exact" for i, n in enumerate(counts[k]))
-            approx = forward_seconds * (1 + 2.7 * self.probes) * (1 + 0.2 * (passes - 1)) \
+            approx = forward_seconds * (1 + 2.7 * self.probes) * (1 + 0.05 * (passes - 1)) \
                 if "gauss-newton" in estimator.values() else 0.0
             return exact + approx
 
