@@ -13,6 +13,8 @@ MD/KD components or change the declared score scale reuse its scores (no rescori
 - ``rows-256``           256 sampled token rows instead of 768
 - ``md-only`` / ``kd-only`` / ``lambda-x10``   the default's components recombined
 - ``scale-kind`` / ``scale-layer``             the default's scores declared comparable per kind / per layer
+- ``rank-layer``         the default's scores replaced by their quantile within their layer (every layer's
+                         scores alike, so the search allocates by cost as it does for random scores)
 - ``fisher``             the PTF baseline
 
     python benchmarks/trajectory_ablation.py --model minilm-trec --seeds 0 1 2 --budgets 0.6 0.4
@@ -48,7 +50,7 @@ SCORED = {  # variant: trajectory options (None: the baseline scorer of that nam
     "rows-256": {"rows": 256},
     "fisher": None,
 }
-DERIVED = ("md-only", "kd-only", "lambda-x10", "scale-kind", "scale-layer")
+DERIVED = ("md-only", "kd-only", "lambda-x10", "scale-kind", "scale-layer", "rank-layer")
 
 
 def derived(base: Scores, name: str) -> Scores:
@@ -63,6 +65,10 @@ def derived(base: Scores, name: str) -> Scores:
         values = {k: [m + 10 * lam * q for m, q in zip(md[k], kd[k])] for k in md}
     elif name in ("scale-kind", "scale-layer"):
         return dataclasses.replace(base, scale=name.split("-")[1])
+    elif name == "rank-layer":  # each layer's scores replaced by their quantile in the layer: every layer alike
+        ranked = {k: [(torch.argsort(torch.argsort(t.double())).double() + 1) / max(1, t.numel()) for t in v]
+                  for k, v in base.values.items()}
+        return dataclasses.replace(base, values={k: [t.float() for t in v] for k, v in ranked.items()}, scale="layer")
     else:
         raise ValueError(name)
     return dataclasses.replace(base, values={k: [t.float() for t in v] for k, v in values.items() if k in base.values})
