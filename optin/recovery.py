@@ -45,11 +45,17 @@ RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of
 PASS = 16  # examples per forward when gathering a layer's statistics (a convolution's patches grow with maps)
 
 
-def parse_steps(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """``"none"``, ``"ptf"`` (= rearrange,tune) or a comma-separated list of steps, in the order above."""
+def _parts(text: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The names in a ``--recover`` value: comma-separated text or a list."""
     if text is None:
-        return ()
-    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+        return []
+    return [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+
+
+def parse_steps(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """``"auto"`` (= reconstruct, see ``steps_for``), ``"none"``, ``"ptf"`` (= rearrange,tune) or a
+    comma-separated list of steps, in the order above."""
+    parts = _parts(text)
     if parts == ["auto"]:
         return AUTO
     steps: list[str] = []
@@ -72,8 +78,7 @@ def steps_for(text: str | list[str] | tuple[str, ...] | None, adapter: Adapter) 
     (``Adapter.unit_reader``; every built-in adapter does), else no recovery. Explicit steps are run as given
     (and refused by ``recover`` where a reading layer is missing)."""
     steps = parse_steps(text)
-    auto = isinstance(text, str) and text.strip() == "auto"
-    if not auto:
+    if _parts(text) != ["auto"]:
         return steps, None
     missing = [k for k, ns in adapter.unit_counts().items()
                if any(n and adapter.unit_reader(k, i) is None for i, n in enumerate(ns))]
