@@ -17,6 +17,7 @@ from .errors import OptinError
 from .hooks import broken, conflicts, plugin_manager
 from .models import named_models
 from .progress import set_quiet
+from .allocation import DEFAULT_ALLOCATION
 from .recovery import DEFAULT_RECOVER
 from .tasks import known_tasks
 
@@ -219,6 +220,11 @@ def prune_options(fn):
                           "that read its units: every built-in does), none, ptf (rearrange,tune), or a comma-separated "
                           "list of rearrange, tune, reconstruct (least-squares refit of the layers that read pruned "
                           "units)."),
+        click.option("--allocation", default=DEFAULT_ALLOCATION, show_default=True, metavar="HOW",
+                     help="How many units each layer keeps: scores (as the scores rank them across layers), "
+                          "evaluate (try blends toward the cost model's allocation and keep the one whose pruned "
+                          "model stays closest to the unpruned one on held-out calibration examples), or a fixed "
+                          "blend in [0, 1]."),
         click.option("--allow-degenerate", is_flag=True,
                      help="Accept a pruned model that loses every unit of a layer or of a kind (refused without it)."),
         click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,
@@ -564,6 +570,8 @@ def _compare_table(result: dict) -> Table:
               help="Folder of cells.jsonl, scores/ and the compare.* outputs (a rerun resumes).")
 @click.option("--eval-size", default=1000, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--allocation", default=DEFAULT_ALLOCATION, show_default=True, metavar="HOW",
+              help="How many units each layer keeps, for every cell, as `optin run --allocation` takes it.")
 @click.option("--allow-degenerate", is_flag=True,
               help="Accept pruned models that lose every unit of a layer or of a kind (refused without it).")
 @click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,

@@ -40,6 +40,7 @@ from .measure import metric_of_examples, params, per_example, timings
 from .outputs import lock_path
 from .progress import bar, say
 from .rankings import Scores, fingerprint
+from .allocation import DEFAULT_ALLOCATION, parse_allocation
 from .recovery import DEFAULT_RECOVER
 from .recipe import (Plugins, RunConfig, apply_stage, batches_of, calibration_stage, check_budget, choose_plugins,
                      load_stage, make_scorer, require_tokens, score, search_stage, token_stage)
@@ -53,7 +54,8 @@ OUTPUTS = ("compare.json", "compare.md", "compare.png")
 # What the cells of a folder depend on besides the grid: a rerun with other values is refused.
 SETTINGS = ("model", "adapter", "task", "data", "eval_data", "extra", "metric", "calib_size", "eval_size",
             "batch_size", "searcher", "options", "device", "dtype", "recalibrate", "allow_degenerate", "speed",
-            "fingerprint", "eval_examples")
+            "fingerprint", "eval_examples", "allocation")
+SETTING_DEFAULTS = {"allocation": "scores"}  # what folders journalled before a setting existed used
 
 
 @dataclass
@@ -81,6 +83,7 @@ class CompareConfig:
     device: str = "cpu"
     dtype: str = "float32"
     recalibrate: bool = True
+    allocation: str | float = DEFAULT_ALLOCATION  # units per layer, as `optin run --allocation` (every cell)
     allow_degenerate: bool = False
     speed: bool = True  # time every pruned model of the first seed against the unpruned one
     speed_warmup: int = 3
@@ -311,7 +314,7 @@ def _cell(ctx: _Context, combo: Combination, budget: float, seed: int, calib: li
     run = dataclasses.replace(combo.run, budget=budget, seed=seed)
     plugins = choose_plugins(run) if combo.plugins.token_scorer is not None else combo.plugins  # its own instance
     ad = copy.deepcopy(ctx.base)
-    masks, costs = search_stage(ad, scores, run, plugins, ctx.seq_len)
+    masks, costs, allocated = search_stage(ad, scores, run, plugins, ctx.seq_len, calib)
     # recover (run.recover) on the masked model, then remove; the final masks (rearrangement moves units)
     _, masks, applied = apply_stage(ad, masks, calib, ctx.evals[0], run)
     applied = {"recover_steps" if k == "recover" else k: v for k, v in applied.items()}
@@ -325,7 +328,7 @@ def _cell(ctx: _Context, combo: Combination, budget: float, seed: int, calib: li
               "macs_after": macs_after, "macs_ratio": macs_after / costs.macs(),
               "params_before": params(ctx.base.model),
               "params_after": params(ad.model), "kept": kept_counts(masks), "token_removals": removals,
-              **applied,
+              "allocation": allocated, **applied,
               "seconds": time.perf_counter() - t0, "results": encode(results), "timings": None}
     if time_it:
         batch = ctx.evals[0]
@@ -393,6 +396,7 @@ def _compare_locked(cfg: CompareConfig, combos: list[Combination], folder: Path)
                 "batch_size": cfg.batch_size, "searcher": cfg.searcher, "options": cfg.options,
                 "device": cfg.device, "dtype": cfg.dtype, "recalibrate": cfg.recalibrate,
                 "allow_degenerate": cfg.allow_degenerate, "speed": cfg.speed, "fingerprint": fp,
+                "allocation": parse_allocation(cfg.allocation),
                 "eval_examples": _examples_hash(evals)}
     settings = json.loads(json.dumps(settings))  # as the journal stores it
     if cfg.overwrite:
@@ -402,7 +406,7 @@ def _compare_locked(cfg: CompareConfig, combos: list[Combination], folder: Path)
     journal = Journal(folder / CELLS)
     previous = journal.find("settings")
     if previous:
-        differ = [k for k in SETTINGS if previous[0].get(k) != settings.get(k)]
+        differ = [k for k in SETTINGS if previous[0].get(k, SETTING_DEFAULTS.get(k)) != settings.get(k)]
         if differ:
             what = "; ".join(f"{k}: {previous[0].get(k)!r} there, {settings.get(k)!r} now" for k in differ[:3])
             raise OptinError(f"output folder {str(folder)!r} holds a comparison made with other settings ({what}); "

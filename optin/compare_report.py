@@ -58,7 +58,8 @@ def markdown(result: dict) -> str:
              "mean over "
              f"calibration seeds {', '.join(map(str, result['grid']['seeds']))} with a {level}% bootstrap CI over "
              f"the examples ({result['grid']['resamples']} resamples); Δ: paired difference against "
-             f"{result['grid']['reference']} at the same budget (* its CI excludes 0).", "",
+             f"{result['grid']['reference']} at the same budget (* its CI excludes 0). Allocation of units to "
+             f"layers: {s.get('allocation', 'scores')}.", "",
              f"unpruned: {fmt_ci(result['unpruned']['summary'])}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, cells in body:

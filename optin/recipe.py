@@ -31,7 +31,8 @@ from .models import adapter_for, load_model, named_models
 from .progress import bar, say
 from .recovery import DEFAULT_RECOVER, parse_steps, recover as recover_masks, steps_for
 from .rankings import Checkpoint, Scores, check_unit_tensors, fingerprint
-from .scales import to_common_scale
+from .allocation import BLENDS, DEFAULT_ALLOCATION, Trial, candidate_scores, choose, judge, parse_allocation, \
+    split_for_trial
 from .tasks import Task, file_task, get_task, known_tasks, sample
 from .units import CostModel, UnitTensors, counts_of, kept_counts
 
@@ -152,13 +153,13 @@ def score(adapter: Adapter, batches: list[Batch], scorer: str = "trajectory", op
 
 
 def _search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_len: float, searcher: str,
-            options: dict | None, allow_degenerate: bool = False) -> tuple[UnitTensors, CostModel]:
+            options: dict | None, allow_degenerate: bool = False, alpha: float = 0.0) -> tuple[UnitTensors, CostModel]:
     values, scale = (scores.values, scores.scale) if isinstance(scores, Scores) else (scores, "global")
     costs = adapter.cost_model(seq_len)
     accepted = registry.option_names(registry.get("searcher", searcher))
     options = {**{k: v for k, v in adapter.search_defaults.items() if k in accepted}, **(options or {})}
     impl = registry.create("searcher", searcher, options)
-    masks = impl.search(to_common_scale(values, scale, costs), costs, budget)
+    masks = impl.search(candidate_scores(values, scale, costs, alpha), costs, budget)
     limit = impl.unit_budget_for(budget)  # token searchers leave a part of the budget to tokens
     got = costs.macs_of_masks(masks)
     if got > limit * costs.macs() * (1 + 1e-9):
@@ -169,11 +170,60 @@ def _search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_l
 
 
 def search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_len: float,
-           searcher: str = "ptf", options: dict | None = None, allow_degenerate: bool = False
-           ) -> tuple[UnitTensors, CostModel]:
+           searcher: str = "ptf", options: dict | None = None, allow_degenerate: bool = False,
+           allocation: float = 0.0) -> tuple[UnitTensors, CostModel]:
     """Keep-masks that fit ``budget`` x the unpruned MACs (scores brought to one scale first). A result that
-    removes every unit of a layer or of a kind (``optin.degenerate``) is refused unless ``allow_degenerate``."""
-    return _search(adapter, scores, check_budget(budget), seq_len, searcher, options, allow_degenerate)
+    removes every unit of a layer or of a kind (``optin.degenerate``) is refused unless ``allow_degenerate``.
+    ``allocation`` (a blend in [0, 1], ``optin.allocation``) moves how many units each layer keeps from the
+    scores' allocation (0) toward the cost model's (1); which units a layer keeps stays the scores' choice."""
+    alpha = parse_allocation(allocation)
+    if isinstance(alpha, str):
+        raise OptinError("search(allocation=...) takes a blend in [0, 1]; 'evaluate' needs the model and data: "
+                         "use optin.prune(..., allocation='evaluate')")
+    return _search(adapter, scores, check_budget(budget), seq_len, searcher, options, allow_degenerate, alpha)
+
+
+def allocate(adapter: Adapter, scores: Scores, budget: float, seq_len: float, searcher: str, options: dict | None,
+             allow_degenerate: bool, allocation: str | float, calib: list[Batch], steps: tuple[str, ...],
+             recalibrate: bool = True) -> tuple[UnitTensors, CostModel, dict]:
+    """The search with the allocation ``allocation`` (``optin.allocation``): a fixed blend, or (``"evaluate"``)
+    the candidate of ``BLENDS`` whose recovered, pruned model stays closest to the unpruned one on held-out
+    calibration examples. Returns the masks, the cost model and what was tried."""
+    how = parse_allocation(allocation)
+    if how != "evaluate":
+        alpha = 0.0 if how == "scores" else float(how)
+        masks, costs = _search(adapter, scores, budget, seq_len, searcher, options, allow_degenerate, alpha)
+        return masks, costs, {"allocation": how, "alpha": alpha}
+    fit, check = split_for_trial(calib, adapter.batch_size)
+    with torch.no_grad():
+        reference = [adapter.logits(b) for b in check]
+    trials: list[Trial] = []
+    costs = None
+    with bar("choosing the allocation", total=len(BLENDS)) as (advance, _):
+        for alpha in BLENDS:
+            try:
+                masks, costs = _search(adapter, scores, budget, seq_len, searcher, options, allow_degenerate, alpha)
+            except BudgetError as exc:
+                trials.append(Trial(alpha, None, error=str(exc)))
+                say(f"allocation {alpha:g}: not a candidate ({exc})")
+                advance(1)
+                continue
+            same = next((t for t in trials if t.masks is not None and _same_masks(t.masks, masks)), None)
+            value = same.divergence if same is not None else \
+                judge(adapter, masks, fit, check, steps, recalibrate, reference)
+            trials.append(Trial(alpha, masks, value))
+            say(f"allocation {alpha:g}: held-out divergence {value:.4g}")
+            advance(1)
+    if all(t.masks is None for t in trials):
+        raise BudgetError(trials[0].error)
+    best = choose(trials)
+    say(f"allocation: kept blend {best.alpha:g} (0 = the scores' own allocation)")
+    return best.masks, costs, {"allocation": "evaluate", "alpha": best.alpha,
+                               "trials": [t.record() for t in trials]}
+
+
+def _same_masks(a: UnitTensors, b: UnitTensors) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
 
 
 @dataclass
@@ -194,15 +244,18 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
           budget: float = 0.6, scores: Scores | str | Path | None = None, options: dict | None = None,
           seed: int = 0, processor: Any = None, adapter: str | None = None,
           checkpoint: str | Path | None = None, allow_degenerate: bool = False,
-          recover: str = DEFAULT_RECOVER) -> PruneResult:
+          recover: str = DEFAULT_RECOVER, allocation: str | float = DEFAULT_ALLOCATION) -> PruneResult:
     """Prune ``model`` in place to ``budget`` of its MACs using calibration batches ``data``.
 
     ``scores`` (a Scores object or a saved scores file) skips scoring: the same scores serve any budget.
     A degenerate result (every unit of a layer or a kind removed) is refused unless ``allow_degenerate``.
     ``recover`` (as ``optin run --recover``: ``auto``, ``none``, ``ptf`` or steps of rearrange/tune/reconstruct)
     runs on the masked model before removal, from ``data``; what it did is in ``info["recovery"]``.
+    ``allocation`` (as ``optin run --allocation``: ``scores``, ``evaluate`` or a blend in [0, 1]) decides how
+    many units each layer keeps (``optin.allocation``); what was tried is in ``info["allocation"]``.
     """
     parse_steps(recover)
+    parse_allocation(allocation)
     budget = check_budget(budget)
     ad = as_adapter(model, processor, adapter)
     if scores is None:
@@ -211,14 +264,16 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
         scores = Scores.load(scores)
         scores.check_matches(ad.name, fingerprint(ad.model), ad.unit_counts())
     seq_len = ad.seq_len(data)
-    masks, costs = _search(ad, scores, budget, seq_len, searcher, options, allow_degenerate)
     steps, _ = steps_for(recover, ad)
+    masks, costs, allocated = allocate(ad, scores, budget, seq_len, searcher, options, allow_degenerate, allocation,
+                                       data, steps, recalibrate=False)
     recovery: dict = {"steps": [], "layers": []}
     if steps:
         masks, recovery = recover_masks(ad, copy.deepcopy(ad), masks, data, steps)
     ad.prune(masks)
     return PruneResult(ad, masks, scores, costs.macs(), costs.macs_of_masks(masks),
-                       {"seq_len": seq_len, "kept": kept_counts(masks), "recovery": recovery})
+                       {"seq_len": seq_len, "kept": kept_counts(masks), "recovery": recovery,
+                        "allocation": allocated})
 
 
 def check_target(adapter: Adapter, task: Task, source: str) -> None:
@@ -329,6 +384,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     recover: str = DEFAULT_RECOVER  # recovery after the search: auto, none, ptf, or rearrange/tune/reconstruct (comma-separated)
+    allocation: str | float = DEFAULT_ALLOCATION  # units per layer: scores, evaluate, or a blend in [0, 1]
 
     def checked(self) -> "RunConfig":
         """A copy with the budget and sizes validated (the only place a run checks them)."""
@@ -343,6 +399,7 @@ class RunConfig:
         resolve_device(self.device)
         resolve_dtype(self.dtype)
         parse_steps(self.recover)
+        cfg.allocation = parse_allocation(self.allocation)
         return cfg
 
 
@@ -423,16 +480,19 @@ def score_stage(ad: Adapter, calib: list[Batch], cfg: RunConfig, plugins: Plugin
     return scores, seconds
 
 
-def search_stage(ad: Adapter, scores: Scores | None, cfg: RunConfig, plugins: Plugins, seq_len: float
-                 ) -> tuple[UnitTensors, CostModel]:
-    """Keep-masks under the budget; every unit kept when there are no unit scores (token-only runs)."""
+def search_stage(ad: Adapter, scores: Scores | None, cfg: RunConfig, plugins: Plugins, seq_len: float,
+                 calib: list[Batch]) -> tuple[UnitTensors, CostModel, dict]:
+    """Keep-masks under the budget with the run's allocation (tried on ``calib`` for ``evaluate``), the cost
+    model and what the allocation did; every unit kept when there are no unit scores (token-only runs)."""
     if scores is not None and any(t.numel() for v in scores.values.values() for t in v):
-        return _search(ad, scores, cfg.budget, seq_len, plugins.searcher, cfg.options, cfg.allow_degenerate)
+        steps, _ = steps_for(cfg.recover, ad)
+        return allocate(ad, scores, cfg.budget, seq_len, plugins.searcher, cfg.options, cfg.allow_degenerate,
+                        cfg.allocation, calib, steps, cfg.recalibrate)
     if scores is not None and cfg.reducer is None:
         raise OptinError(f"the scores ({cfg.scores_file or cfg.scorer}) hold only token scores, no head/neuron scores, "
                          "so nothing could be pruned to the budget: add a token reducer (--reducer tome|prune), or "
                          "score heads and neurons too (e.g. optin score without --set units=false)")
-    return {k: [torch.ones(n) for n in ns] for k, ns in ad.unit_counts().items()}, ad.cost_model(seq_len)
+    return {k: [torch.ones(n) for n in ns] for k, ns in ad.unit_counts().items()}, ad.cost_model(seq_len), {}
 
 
 def apply_stage(ad: Adapter, masks: UnitTensors, calib: list[Batch], check: Batch, cfg: RunConfig
@@ -565,7 +625,7 @@ def run_stages(cfg: RunConfig, plugins: Plugins, out: Path, t_start: float) -> d
     evals = batches_of(ad, sample(the_task.examples("test"), cfg.eval_size, cfg.seed), cfg.batch_size, cfg.device,
                        cfg.dtype)
     seq_len = ad.seq_len(evals)
-    masks, costs = search_stage(ad, scores, cfg, plugins, seq_len)
+    masks, costs, allocated = search_stage(ad, scores, cfg, plugins, seq_len, calib)
     original, masks, applied = apply_stage(ad, masks, calib, evals[0], cfg)
     removals, token_macs = token_stage(ad, scores, cfg, plugins, costs, seq_len)
     macs_after = token_macs if token_macs is not None else costs.macs_of_masks(masks)
@@ -582,7 +642,7 @@ def run_stages(cfg: RunConfig, plugins: Plugins, out: Path, t_start: float) -> d
         **{k: measured[k] for k in ("throughput_before", "throughput_after", "speedup", "throughput_batch")},
         "seconds_scoring": seconds_scoring, "seconds_total": time.perf_counter() - t_start, **applied,
         "kept": kept_counts(masks), "total": counts_of(masks), "token_removals": removals,
-        "options": cfg.options, "device": cfg.device, "dtype": cfg.dtype, "optin_version": __version__, "date": _dt.date.today().isoformat(),
+        "allocation": allocated, "options": cfg.options, "device": cfg.device, "dtype": cfg.dtype, "optin_version": __version__, "date": _dt.date.today().isoformat(),
         **provenance(cfg, scores),  # for --scores: what the scores were made with (overrides the keys above)
     }
     export_stage(ad, report, out)

@@ -4,6 +4,7 @@ Everything here is small enough that the whole suite runs in a few minutes on 2 
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,22 @@ def make_tokenizer(directory: Path) -> BertTokenizerFast:
 # Words of the tiny tokenizer that make up labelled phrases for the command-line tests.
 POSITIVE = ["good", "great", "fine", "nice", "happy", "love", "best", "fun"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst", "boring", "ugly"]
+NOUNS = ["movie", "film", "plot", "actor", "story", "show"]
+
+
+def write_reviews(path: Path) -> None:
+    """80 distinct labelled phrases (text,label CSV: pos/neg) in the tiny tokenizer's words."""
+    rng = random.Random(0)
+    rows, seen = [], set()
+    while len(rows) < 80:
+        label = len(rows) % 2
+        words = POSITIVE if label else NEGATIVE
+        text = f"the {rng.choice(NOUNS)} was {rng.choice(['very', 'really', 'so'])} {rng.choice(words)} " \
+               f"and {rng.choice(words)}"
+        if text not in seen:
+            seen.add(text)
+            rows.append((text, "pos" if label else "neg"))
+    path.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
 
 
 def save_tiny_bert(directory: Path, seed: int = 0, num_labels: int = 2) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
@@ -16,35 +15,20 @@ from torch import nn
 import optin.compare
 import optin.compare_report
 import optin.errors
-from conftest import NEGATIVE, POSITIVE, make_batch, save_tiny_bert
+from conftest import make_batch, save_tiny_bert, write_reviews
 from optin import registry, stats
 from optin.cli import cli, spread_values
 from optin.measure import evaluate, metric_of_examples, miou_of, per_example, timings
 from optin_plugins.adapters.bert import BertAdapter
 
-NOUNS = ["movie", "film", "plot", "actor", "story", "show"]
 GRID = ["--scorers", "magnitude", "random", "--budgets", "0.9", "0.6", "--seeds", "0", "1"]
 SIZES = ["--calib-size", "16", "--eval-size", "16"]
-
-
-def _write_data(path: Path) -> None:
-    rng = random.Random(0)
-    rows, seen = [], set()
-    while len(rows) < 80:
-        label = len(rows) % 2
-        words = POSITIVE if label else NEGATIVE
-        text = f"the {rng.choice(NOUNS)} was {rng.choice(['very', 'really', 'so'])} {rng.choice(words)} " \
-               f"and {rng.choice(words)}"
-        if text not in seen:
-            seen.add(text)
-            rows.append((text, "pos" if label else "neg"))
-    path.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("compare")
-    _write_data(root / "data.csv")
+    write_reviews(root / "data.csv")
     return {"root": root, "model": save_tiny_bert(root / "tiny-bert"), "data": root / "data.csv"}
 
 
@@ -189,7 +173,7 @@ def test_recovery_settings_reach_the_recipe(workspace, sandbox):
     out = sandbox / "recover"
     res = invoke("compare", "--model", workspace["model"], "--data", workspace["data"], "--scorers", "magnitude",
                  "--budgets", "0.6", "--recover", "none", "reconstruct", *SIZES, "--output", out, "--quiet",
-                 "--no-speed")
+                 "--no-speed", "--allocation", "scores")  # the same masks for both: only the recovery differs
     assert res.exit_code == 0, res.output + repr(res.exception)
     result = json.loads((out / "compare.json").read_text())
     steps = {c["recover"]: c["recover_steps"] for c in result["cells"]}

@@ -438,19 +438,28 @@ def test_a_budget_that_removes_every_unit_is_refused_with_the_floor(ws, tmp_path
 
 
 def test_a_result_that_empties_a_kind_is_refused(ws, scored, tmp_path):
+    """With the scores' own allocation a search that empties a kind is refused; the evaluated allocation
+    (the default) drops that candidate, says so, and keeps a blend that keeps every kind."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(scored))
     tiny = {k: torch.full_like(v, 1e-9) for k, v in tensors.items() if k.startswith("score/heads")}
     huge = {k: torch.full_like(v, 1e9) for k, v in tensors.items() if k.startswith("score/neurons")}
     bad = _variant(scored, tmp_path / "heads-worthless.safetensors", tensors={**tiny, **huge}, meta={"scale": "global"})
-    one_error(_prune_with(ws, bad, tmp_path / "out"), "degenerate", "removes all 12 heads", "--allow-degenerate")
+    one_error(_prune_with(ws, bad, tmp_path / "out", "--allocation", "scores"), "degenerate", "removes all 12 heads",
+              "--allow-degenerate")
+    res = _prune_with(ws, bad, tmp_path / "evaluated")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "evaluated" / "report.json").read_text())
+    first = report["allocation"]["trials"][0]
+    assert first["alpha"] == 0.0 and "removes all 12 heads" in first["error"]
+    assert report["allocation"]["alpha"] > 0 and sum(report["kept"]["heads"]) > 0
     ad = optin.load_model(str(ws["model"]))
     batch = ad.collate([{"text": "the movie was good", "label": 0}])
     with pytest.raises(optin.OptinError, match="degenerate"):
-        optin.prune(ad, [batch], scores=bad, budget=0.6)
-    assert optin.prune(ad, [batch], scores=bad, budget=0.6, allow_degenerate=True).adapter.unit_counts()["heads"] \
-        == [0, 0, 0]
+        optin.prune(ad, [batch], scores=bad, budget=0.6, allocation="scores")
+    assert optin.prune(ad, [batch], scores=bad, budget=0.6, allow_degenerate=True, allocation="scores"
+                       ).adapter.unit_counts()["heads"] == [0, 0, 0]
 
 
 def test_ptf_min_keep_is_honoured_on_the_transformer_path(ws, tmp_path):

@@ -1,0 +1,161 @@
+"""How many units each layer keeps: the scores' own allocation, or one chosen by trying candidates.
+
+A searcher keeps the units with the highest scores under the budget, so the scores decide two things at
+once: *which* units of a layer go (their order inside the layer) and *how many* of each layer go (how the
+layers' scores compare). A scorer can be right about the first and wrong about the second: trajectory
+scores on a CNN rank channels well inside a layer but rate the first convolutions so low that the search
+strips them (docs/benchmarks.md, vgg-fmnist), while scores that carry no information across layers
+(quantiles inside a layer) leave the allocation to the cost model alone.
+
+``candidate_scores`` blends the two geometrically, per unit::
+
+    s_alpha = s^(1 - alpha) * q^alpha
+
+with ``s`` the scores on the common scale (``optin.scales``) and ``q`` each unit's quantile inside its layer
+on the same scale (the ``"layer"`` rescaling: a layer's average unit is worth its average cost). Inside a
+layer both are in the same order, so every blend keeps the scorer's choice of *which* units go; ``alpha``
+moves only the allocation, from the scorer's (0) to the cost model's (1).
+
+``--allocation evaluate`` searches at every alpha of ``BLENDS``, applies each candidate (with the run's
+recovery, removal and recalibration) to a copy of the model fitted on one half of the calibration
+examples, and keeps the candidate whose outputs stay closest to the unpruned model's on the other half
+(mean KL divergence of the predictive distributions): a search over allocations judged on held-out data,
+not on the scores' promise.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .contracts import Adapter, Batch
+from .errors import OptinError
+from .gradients import micro_batches
+from .recovery import recover
+from .scales import to_common_scale
+from .units import CostModel, UnitTensors, kept_counts
+
+BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the alphas ``evaluate`` tries
+NAMES = ("scores", "evaluate")
+DEFAULT_ALLOCATION = "evaluate"  # helped on vgg-fmnist and vit-fmnist, tied on minilm-trec (docs/benchmarks.md)
+
+
+def parse_allocation(value: str | float | None) -> str | float:
+    """``"scores"`` (alpha 0), ``"evaluate"``, or a fixed alpha in [0, 1] (given as a number or its text)."""
+    if value is None:
+        return DEFAULT_ALLOCATION
+    if isinstance(value, str) and value.strip().lower() in NAMES:
+        return value.strip().lower()
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        alpha = math.nan
+    if isinstance(value, bool) or not 0.0 <= alpha <= 1.0:
+        raise OptinError(f"--allocation must be 'scores', 'evaluate' or a blend in [0, 1] (0: the scores' own "
+                         f"allocation of units to layers, 1: the cost model's), got {value!r}")
+    return alpha
+
+
+def layer_quantiles(values: UnitTensors) -> UnitTensors:
+    """Each unit's quantile inside its layer, ``(rank + 1) / n`` (ties by position), in float64."""
+    out: UnitTensors = {}
+    for kind, layers in values.items():
+        out[kind] = []
+        for t in layers:
+            rank = torch.empty(t.numel(), dtype=torch.float64)
+            rank[torch.argsort(t.double().flatten(), stable=True)] = torch.arange(t.numel(), dtype=torch.float64)
+            out[kind].append((rank + 1) / max(1, t.numel()))
+    return out
+
+
+def blend(common: UnitTensors, quantiles: UnitTensors, alpha: float) -> UnitTensors:
+    """``common^(1 - alpha) * quantiles^alpha`` per unit (pure). Scores at or below 0 count as the smallest
+    positive score of their kind (a blend needs logarithms); alpha 0 returns ``common`` unchanged."""
+    if alpha == 0.0:
+        return common
+    out: UnitTensors = {}
+    for kind, layers in common.items():
+        every = torch.cat([t.double().flatten() for t in layers]) if layers else torch.zeros(0, dtype=torch.float64)
+        positive = every[every > 0]
+        floor = float(positive.min()) if positive.numel() else 1.0
+        out[kind] = [(t.double().clamp_min(floor).log() * (1 - alpha) + q.log() * alpha).exp().to(t.dtype)
+                     if t.numel() else t for t, q in zip(layers, quantiles[kind])]
+    return out
+
+
+def candidate_scores(values: UnitTensors, scale: str, costs: CostModel, alpha: float) -> UnitTensors:
+    """The scores a searcher sees for blend ``alpha``: on the common scale, moved toward the cost model's
+    allocation (see the module docstring); alpha 0 is the scores' own common scale."""
+    common = to_common_scale(values, scale, costs)
+    if alpha == 0.0:
+        return common
+    priced = {k: v for k, v in values.items() if k in costs.counts}
+    quantiles = to_common_scale(layer_quantiles(priced), "layer", costs)
+    return {**common, **blend({k: common[k] for k in priced}, quantiles, alpha)}
+
+
+def split_for_trial(batches: list[Batch], size_of: Callable[[Batch], int]) -> tuple[list[Batch], list[Batch]]:
+    """Calibration batches cut into a half to fit recovery on and a half to judge candidates on (the
+    same batches for both when there is a single example)."""
+    if len(batches) > 1:
+        half = len(batches) // 2
+        return batches[:half], batches[half:]
+    n = size_of(batches[0])
+    if n < 2:
+        return batches, batches
+    fit, check = micro_batches(batches[0], (n + 1) // 2)[:2]
+    return [fit], [check]
+
+
+def divergence(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(reference || candidate) of the predictive distributions over dim 1 (classes; any further
+    dims, e.g. pixels, are averaged too)."""
+    ref = F.log_softmax(reference.double(), dim=1)
+    got = F.log_softmax(logits.double(), dim=1)
+    return float((ref.exp() * (ref - got)).sum(1).mean())
+
+
+@dataclass
+class Trial:
+    alpha: float
+    masks: UnitTensors | None
+    divergence: float = math.inf
+    error: str | None = None
+
+    def record(self) -> dict:
+        out = {"alpha": self.alpha, "divergence": self.divergence if math.isfinite(self.divergence) else None}
+        if self.masks is not None:
+            out["kept"] = kept_counts(self.masks)
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def judge(original: Adapter, masks: UnitTensors, fit: list[Batch], check: list[Batch], steps: tuple[str, ...],
+          recalibrate: bool, reference: list[torch.Tensor]) -> float:
+    """Held-out divergence of one candidate: on a copy of ``original``, recover from ``fit``, remove,
+    recalibrate, and compare its outputs on ``check`` with ``reference`` (the unpruned outputs there)."""
+    ad = copy.deepcopy(original)
+    if steps:
+        masks, _ = recover(ad, original, masks, fit, steps)
+    ad.prune(masks)
+    if recalibrate:
+        ad.recalibrate(fit)
+    with torch.no_grad():
+        got = [ad.logits(b) for b in check]
+    return sum(divergence(r, g) * original.batch_size(b) for r, g, b in zip(reference, got, check)) / \
+        max(1, sum(original.batch_size(b) for b in check))
+
+
+def choose(trials: list[Trial]) -> Trial:
+    """The trial with the smallest held-out divergence (the smaller alpha on a tie); an OptinError naming
+    every failure when no candidate could be made."""
+    made = [t for t in trials if t.masks is not None and math.isfinite(t.divergence)]
+    if not made:
+        raise OptinError("no candidate allocation could be made: " + "; ".join(
+            f"alpha {t.alpha:g}: {t.error}" for t in trials))
+    return min(made, key=lambda t: (t.divergence, t.alpha))
