@@ -61,6 +61,10 @@ def main() -> None:
     ap.add_argument("--scorers", nargs="+", default=["trajectory", "fisher"])
     ap.add_argument("--recover", nargs="*", default=["reconstruct", "none"],
                     help="recovery settings also measured from each run's scores with `optin prune`")
+    ap.add_argument("--allocations", nargs="*", default=["evaluate", "scores"],
+                    help="allocation settings also measured from each run's scores with `optin prune`")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="take the scores of the run folders already in --work (only the prunes run again)")
     args = ap.parse_args()
     work = Path(args.work)
     data = work / "reviews.csv"
@@ -82,25 +86,37 @@ def main() -> None:
     result["runs"] = {}
     for scorer in args.scorers:
         out = work / f"run-{scorer}"
-        seconds, log = optin("run", "--model", str(model), "--data", str(data), "--scorer", scorer, "--output",
-                             str(out), "--overwrite")
-        report = json.loads((out / "report.json").read_text())
-        result["runs"][scorer] = {"wall_seconds": seconds, "plan": [l for l in log.splitlines() if "trajectory:" in l
-                                                                    or "calibration examples;" in l],
-                                  **{k: report[k] for k in ("metric_before", "metric_after", "macs_ratio",
-                                                            "seconds_scoring", "speedup", "seq_len",
-                                                            "eval_examples", "calibration_examples")}}
-        print(scorer, result["runs"][scorer], flush=True)
-        for recover in args.recover:  # the same scores, another recovery setting (no rescoring)
-            seconds, _ = optin("prune", "--model", str(model), "--data", str(data), "--scores",
-                               str(out / "scores.safetensors"), "--recover", recover, "--output",
-                               str(work / f"prune-{scorer}-{recover}"), "--overwrite")
-            report = json.loads((work / f"prune-{scorer}-{recover}" / "report.json").read_text())
-            result["runs"][f"{scorer} recover={recover}"] = {
-                "wall_seconds": seconds, **{k: report[k] for k in ("metric_before", "metric_after", "macs_ratio")}}
-            print(scorer, recover, result["runs"][f"{scorer} recover={recover}"], flush=True)
-    result["command"] = f"python benchmarks/own_minilm.py --work {args.work}"
+        if args.reuse_runs and (out / "scores.safetensors").is_file():
+            result["runs"][scorer] = {"reused": str(out)}
+        else:
+            _run(result, scorer, model, data, out)
+        for recover in args.recover:  # the same scores, another recovery and allocation setting (no rescoring)
+            for allocation in args.allocations:
+                name = f"prune-{scorer}-{recover}-{allocation}"
+                seconds, _ = optin("prune", "--model", str(model), "--data", str(data), "--scores",
+                                   str(out / "scores.safetensors"), "--recover", recover, "--allocation", allocation,
+                                   "--output", str(work / name), "--overwrite")
+                report = json.loads((work / name / "report.json").read_text())
+                result["runs"][f"{scorer} recover={recover} allocation={allocation}"] = {
+                    "wall_seconds": seconds, "alpha": report["allocation"].get("alpha"),
+                    **{k: report[k] for k in ("metric_before", "metric_after", "macs_ratio", "eval_examples")}}
+                print(scorer, recover, allocation, result["runs"][f"{scorer} recover={recover} allocation={allocation}"],
+                      flush=True)
+    result["command"] = f"python benchmarks/own_minilm.py --work {args.work}" + (" --reuse-runs" if args.reuse_runs else "")
     Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def _run(result: dict, scorer: str, model: Path, data: Path, out: Path) -> None:
+    """``optin run`` with default options on the user's folder and data, timed, its report kept."""
+    seconds, log = optin("run", "--model", str(model), "--data", str(data), "--scorer", scorer, "--output",
+                         str(out), "--overwrite")
+    report = json.loads((out / "report.json").read_text())
+    result["runs"][scorer] = {"wall_seconds": seconds, "plan": [l for l in log.splitlines() if "trajectory:" in l
+                                                                or "calibration examples;" in l],
+                              **{k: report[k] for k in ("metric_before", "metric_after", "macs_ratio",
+                                                        "seconds_scoring", "speedup", "seq_len",
+                                                        "eval_examples", "calibration_examples", "allocation")}}
+    print(scorer, result["runs"][scorer], flush=True)
 
 
 if __name__ == "__main__":
