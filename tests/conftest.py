@@ -105,11 +105,11 @@ NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst", "boring", "ugly"]
 NOUNS = ["movie", "film", "plot", "actor", "story", "show"]
 
 
-def write_reviews(path: Path) -> None:
-    """80 distinct labelled phrases (text,label CSV: pos/neg) in the tiny tokenizer's words."""
+def write_reviews(path: Path, n: int = 80) -> None:
+    """``n`` distinct labelled phrases (text,label CSV: pos/neg) in the tiny tokenizer's words."""
     rng = random.Random(0)
     rows, seen = [], set()
-    while len(rows) < 80:
+    while len(rows) < n:
         label = len(rows) % 2
         words = POSITIVE if label else NEGATIVE
         text = f"the {rng.choice(NOUNS)} was {rng.choice(['very', 'really', 'so'])} {rng.choice(words)} " \

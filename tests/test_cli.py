@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,13 @@ import yaml
 from click.testing import CliRunner
 
 import optin
-from conftest import NEGATIVE, POSITIVE, save_tiny_bert
+from conftest import save_tiny_bert, write_reviews
 from optin.cli import cli
 from optin_plugins.adapters.bert import BertAdapter
 
 REPORT_KEYS = ["model", "adapter", "scorer", "searcher", "budget", "macs_before", "macs_after", "params_before",
                "params_after", "metric", "metric_before", "metric_after", "throughput_before", "throughput_after",
                "seconds_scoring"]
-NOUNS = ["movie", "film", "plot", "actor", "story", "show"]
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +25,8 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     model_dir = save_tiny_bert(root / "tiny-bert")
 
-    rng = random.Random(0)
-    rows, seen = [], set()
-    while len(rows) < 60:
-        label = len(rows) % 2
-        words = POSITIVE if label else NEGATIVE
-        text = f"the {rng.choice(NOUNS)} was {rng.choice(['very', 'really', 'so'])} {rng.choice(words)} " \
-               f"and {rng.choice(words)}"
-        if text not in seen:
-            seen.add(text)
-            rows.append((text, "pos" if label else "neg"))
     data = root / "data.csv"
-    data.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
+    write_reviews(data, 60)
 
     gpt2 = root / "gpt2-like"
     gpt2.mkdir()
