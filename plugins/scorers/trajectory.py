@@ -186,9 +186,10 @@ class TrajectoryScorer(Scorer):
 
     # --- planning -------------------------------------------------------------------------------
     def make_plan(self, adapter: Adapter, kinds: list[str], counts: dict[str, list[int]], n_layers: int,
-                  traces: list[Trace], forward_seconds: float) -> Plan:
+                  traces: list[Trace], forward_seconds: float, restart_factor: float = 1.0) -> Plan:
         """Choose, per kind, exact or Gauss-Newton scoring and the neuron group size, so that the job fits
-        ``target_minutes`` on this machine (estimated from the measured forward time).
+        ``target_minutes`` on this machine (estimated from the measured forward time; exact restarts from
+        ``restart_factor`` x their modelled share of it, ``time_restart``).
 
         ``estimator="auto"``: every unit exactly when that fits the target; otherwise the few, costly units
         (heads, tokens) exactly and the many (neurons, channels) by Gauss-Newton, where the adapter supports
@@ -202,7 +203,7 @@ class TrajectoryScorer(Scorer):
         passes = sum(len(gn.split_examples(int(t.logits.shape[0]), self._examples_per_pass(t))) for t in traces)
 
         def seconds(estimator: dict[str, str], group: dict[str, int]) -> float:
-            exact = forward_seconds * sum(len(unit_groups(n, group[k])) * restart_cost(n_layers, i, k)
+            exact = forward_seconds * restart_factor * sum(len(unit_groups(n, group[k])) * restart_cost(n_layers, i, k)
                                           for k in kinds if estimator[k] == "exact" for i, n in enumerate(counts[k]))
             approx = forward_seconds * (1 + 2.7 * self.probes) * (1 + 0.05 * (passes - 1)) \
                 if "gauss-newton" in estimator.values() else 0.0
@@ -221,7 +222,23 @@ class TrajectoryScorer(Scorer):
             while many and seconds(estimator, group) > budget and any(group[k] < 256 for k in many):
                 for k in many:
                     group[k] = min(256, group[k] * 2)
-        return Plan(estimator, group, self.probes, seconds(estimator, group), forward_seconds)
+        return Plan(estimator, group, self.probes, seconds(estimator, group), forward_seconds, restart_factor)
+
+    def time_restart(self, adapter: Adapter, batch: Batch, trace: Trace, probe: Any, kind: str, n: int,
+                     n_layers: int, forward_seconds: float, traces: list[Trace]) -> float:
+        """How much longer a real masked restart takes than ``restart_cost`` models: two restarts of one chunk
+        of units of ``kind`` at the first layer (the costliest), the second timed, against their modelled
+        share of ``forward_seconds`` (the distances on the sampled rows and the replicas are not in the
+        model, and their weight differs between models)."""
+        tokens = max(1, max(e.numel() // e.shape[-1] for e in trace.embeddings))
+        per = max(1, min(n // 2, self.forward_tokens(traces) // tokens))
+        if n < 2 or forward_seconds <= 0:
+            return 1.0
+        self._chunk(adapter, batch, trace, probe, kind, 0, n, [[i] for i in range(per)], n_layers)  # warm-up
+        t0 = time.perf_counter()
+        self._chunk(adapter, batch, trace, probe, kind, 0, n, [[i] for i in range(per, 2 * per)], n_layers)
+        measured = time.perf_counter() - t0
+        return min(20.0, max(0.25, measured / (per * restart_cost(n_layers, 0, kind) * forward_seconds)))
 
     # --- scoring --------------------------------------------------------------------------------
     def score(self, adapter: Adapter, batches: list[Batch], ctx: ScoreContext) -> UnitTensors:
@@ -244,11 +261,18 @@ class TrajectoryScorer(Scorer):
         forward_seconds = time.perf_counter() - t0
         samples = [_Manifold(tr, self.rows, ctx.seed + b) if distance == "manifold" else _FeatureMSE(tr)
                    for b, tr in enumerate(traces)]
-        plan = self.make_plan(adapter, kinds, counts, n_layers, traces, forward_seconds)
+        factor = 1.0
+        if ctx.cached("plan") is None and self.estimator != "gauss-newton":  # a resumed job keeps its plan
+            kind = max((k for k in kinds if k != "tokens"), key=lambda k: sum(counts[k]), default=kinds[0])
+            factor = self.time_restart(adapter, batches[0], traces[0], samples[0], kind, counts[kind][0], n_layers,
+                                       forward_seconds, traces)
+        plan = self.make_plan(adapter, kinds, counts, n_layers, traces, forward_seconds, factor)
         self.plan = plan = self._agreed(plan, ctx)
         ctx.note(f"trajectory: {plan.describe(counts)} on {sum(int(t.logits.shape[0]) for t in traces)} "
-                 f"calibration examples; one forward pass takes {forward_seconds:.2f} s, so about "
-                 f"{minutes(plan.seconds)} in all" + (f" on {ctx.world} processes (less)" if ctx.world > 1 else ""))
+                 f"calibration examples; one forward pass takes {forward_seconds:.2f} s"
+                 + (f" and a masked restart {plan.restart_factor:.1f}x its share of one" if plan.restart_factor > 1.05
+                    else "")
+                 + f", so about {minutes(plan.seconds)} in all" + (f" on {ctx.world} processes (less)" if ctx.world > 1 else ""))
         approximate = [k for k in kinds if plan.estimator[k] == "gauss-newton"]
         exact = [k for k in kinds if plan.estimator[k] == "exact"]
         jobs = self._exact_jobs(exact, counts, traces, plan)

@@ -21,12 +21,14 @@ class Plan:
     probes: int
     seconds: float
     forward_seconds: float
+    restart_factor: float = 1.0  # a timed masked restart / its modelled share of a forward pass
 
     SIZE = 4096  # bytes of an encoded plan (sent between processes as a fixed-size tensor)
 
     def encode(self) -> torch.Tensor:
         data = json.dumps({"estimator": self.estimator, "group": self.group, "probes": self.probes,
-                           "seconds": self.seconds, "forward_seconds": self.forward_seconds}).encode()
+                           "seconds": self.seconds, "forward_seconds": self.forward_seconds,
+                           "restart_factor": self.restart_factor}).encode()
         if len(data) > self.SIZE:
             raise OptinError("trajectory plan too large to share between processes")
         out = torch.zeros(self.SIZE, dtype=torch.float64)
