@@ -270,8 +270,8 @@ class TrajectoryScorer(Scorer):
         self.plan = plan = self._agreed(plan, ctx)
         ctx.note(f"trajectory: {plan.describe(counts)} on {sum(int(t.logits.shape[0]) for t in traces)} "
                  f"calibration examples; one forward pass takes {forward_seconds:.2f} s"
-                 + (f" and a masked restart {plan.restart_factor:.1f}x its share of one" if plan.restart_factor > 1.05
-                    else "")
+                 + (f" and a masked restart {plan.restart_factor:.1f}x its share of one"
+                    if abs(plan.restart_factor - 1) > 0.05 else "")
                  + f", so about {minutes(plan.seconds)} in all" + (f" on {ctx.world} processes (less)" if ctx.world > 1 else ""))
         approximate = [k for k in kinds if plan.estimator[k] == "gauss-newton"]
         exact = [k for k in kinds if plan.estimator[k] == "exact"]
