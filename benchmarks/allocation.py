@@ -6,10 +6,14 @@ recovered (on the whole calibration sample, as a run does), pruned, recalibrated
 1,000 held-out examples, so the table shows what each fixed blend gives, what the evaluated choice gives,
 and the paired difference of the choice against the scores' own allocation (blend 0, the default).
 
-Scores come from an ``optin compare`` folder (same calibration samples as its cells), so nothing is rescored:
+Scores come from an ``optin compare`` folder (same calibration samples as its cells), so nothing is rescored;
+scores missing there are computed with the scorer's default options and saved in its ``scores/``:
 
     python benchmarks/allocation.py --model vgg-fmnist --compare benchmarks/runs/compare-vgg-fmnist \
         --scorers trajectory fisher --budgets 0.6 0.4 --seeds 0 1 2
+
+``--metric agreement`` measures fidelity to the unpruned model instead of the task's metric (for a weak
+model, e.g. m2f-mosaic, whose labelled mIoU hardly moves).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+import optin
 from optin import stats
 from optin.allocation import BLENDS
 from optin.compare import EVAL_SEED
@@ -83,12 +88,15 @@ def summarise(results: dict, args) -> dict:
         if scorer != reference and (reference, budget) in chosen_of:
             rows[f"{scorer}|{budget}"][f"evaluate_vs_{reference}"] = stats.paired_difference(
                 chosen, chosen_of[(reference, budget)], counts)
-    return {"model": args.model, "seeds": args.seeds, "budgets": args.budgets, "scorers": args.scorers,
+    return {"model": args.model, "metric": args.metric or "the task's", "seeds": args.seeds, "budgets": args.budgets,
+            "scorers": args.scorers,
             "recover": args.recover, "blends": list(BLENDS), "eval_examples": n,
             "unpruned": stats.summarize(np.asarray(results["unpruned"])[None], counts), "rows": rows,
             "command": f"python benchmarks/allocation.py --model {args.model} --compare {args.compare} --scorers "
                        f"{' '.join(args.scorers)} --budgets {' '.join(map(str, args.budgets))} --seeds "
-                       f"{' '.join(map(str, args.seeds))} --recover {args.recover}"}
+                       f"{' '.join(map(str, args.seeds))} --recover {args.recover} --calib-size {args.calib_size} "
+                       f"--eval-size {args.eval_size} --batch-size {args.batch_size}"
+                       + (f" --metric {args.metric}" if args.metric else "")}
 
 
 def table(summary: dict) -> str:
@@ -122,6 +130,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--eval-size", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--metric", default=None, help="the task's metric (default), or agreement with the unpruned model")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.compare = args.compare or f"benchmarks/runs/compare-{args.model}"
@@ -131,20 +140,25 @@ def main() -> None:
     task = resolve_task(None, None, args.model)
     task.prepare(base, args.model)
     steps, _ = steps_for(args.recover, base)
+    metric = args.metric or task.metric
     evals = batches_of(base, sample(task.examples("test"), args.eval_size, EVAL_SEED), args.batch_size)
     results = json.loads(raw.read_text()) if raw.is_file() else {"cells": {}}
     if "unpruned" not in results:
-        results["unpruned"] = per_example(base, evals, task.metric, base).numpy().tolist()
+        results["unpruned"] = per_example(base, evals, metric, base).numpy().tolist()
     for seed in args.seeds:
         calib = batches_of(base, sample(task.examples("train"), args.calib_size, seed), args.calib_size)
         for scorer in args.scorers:
-            scores = Scores.load(Path(args.compare) / "scores" / f"{scorer}-seed{seed}.safetensors")
+            path = Path(args.compare) / "scores" / f"{scorer}-seed{seed}.safetensors"
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                optin.score(copy.deepcopy(base), calib, scorer, seed=seed).save(path)
+            scores = Scores.load(path)
             scores.check_matches(base.name, fingerprint(base.model), base.unit_counts())
             for budget in args.budgets:
                 key = f"{scorer}|{budget}|{seed}"
                 if key in results["cells"]:
                     continue
-                results["cells"][key] = cell(base, scores, budget, calib, evals, task.metric, steps)
+                results["cells"][key] = cell(base, scores, budget, calib, evals, metric, steps)
                 c = results["cells"][key]
                 print(f"{key}: chose {c['chosen']:g}; " + ", ".join(
                     f"{a}: {b.get('metric', float('nan')):.4f}" for a, b in c["blends"].items()), flush=True)

@@ -12,12 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, registry
+from .allocation import DEFAULT_ALLOCATION
 from .config import parse_option, read_config
 from .errors import OptinError
 from .hooks import broken, conflicts, plugin_manager
 from .models import named_models
 from .progress import set_quiet
-from .allocation import DEFAULT_ALLOCATION
 from .recovery import DEFAULT_RECOVER
 from .tasks import known_tasks
 

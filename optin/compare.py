@@ -32,6 +32,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from . import __version__, registry, stats
+from .allocation import DEFAULT_ALLOCATION, parse_allocation
 from .compare_report import write_outputs, write_text_atomic
 from .contracts import Adapter, Batch
 from .devices import resolve_device, synchronize
@@ -40,7 +41,6 @@ from .measure import metric_of_examples, params, per_example, timings
 from .outputs import lock_path
 from .progress import bar, say
 from .rankings import Scores, fingerprint
-from .allocation import DEFAULT_ALLOCATION, parse_allocation
 from .recovery import DEFAULT_RECOVER
 from .recipe import (Plugins, RunConfig, apply_stage, batches_of, calibration_stage, check_budget, choose_plugins,
                      load_stage, make_scorer, require_tokens, score, search_stage, token_stage)
@@ -406,9 +406,10 @@ def _compare_locked(cfg: CompareConfig, combos: list[Combination], folder: Path)
     journal = Journal(folder / CELLS)
     previous = journal.find("settings")
     if previous:
-        differ = [k for k in SETTINGS if previous[0].get(k, SETTING_DEFAULTS.get(k)) != settings.get(k)]
+        there = {k: previous[0].get(k, SETTING_DEFAULTS.get(k)) for k in SETTINGS}
+        differ = [k for k in SETTINGS if there[k] != settings.get(k)]
         if differ:
-            what = "; ".join(f"{k}: {previous[0].get(k)!r} there, {settings.get(k)!r} now" for k in differ[:3])
+            what = "; ".join(f"{k}: {there[k]!r} there, {settings.get(k)!r} now" for k in differ[:3])
             raise OptinError(f"output folder {str(folder)!r} holds a comparison made with other settings ({what}); "
                              "use the same settings to resume it, another --output, or --overwrite to discard it")
     else:
