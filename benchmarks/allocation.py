@@ -27,7 +27,7 @@ import numpy as np
 
 import optin
 from optin import stats
-from optin.allocation import BLENDS
+from optin.allocation import BLENDS, Trial, choose
 from optin.compare import EVAL_SEED
 from optin.measure import metric_of_examples, per_example
 from optin.models import load_model
@@ -43,7 +43,7 @@ def cell(base, scores: Scores, budget: float, calib, evals, metric: str, steps) 
     t0 = time.perf_counter()
     _, _, info = allocate(base, scores, budget, seq_len, "ptf", None, False, "evaluate", calib, steps)
     seconds_choosing = time.perf_counter() - t0
-    out = {"chosen": info["alpha"], "seconds_choosing": seconds_choosing, "blends": {}}
+    out = {"chosen": info["alpha"], "seconds_choosing": seconds_choosing, "blends": {}}  # chosen: by the rule then
     for trial in info["trials"]:
         if trial.get("error"):
             out["blends"][str(trial["alpha"])] = {"error": trial["error"]}
@@ -57,6 +57,13 @@ def cell(base, scores: Scores, budget: float, calib, evals, metric: str, steps) 
         out["blends"][str(trial["alpha"])] = {"examples": ex.numpy().tolist(), "metric": metric_of_examples(ex),
                                              "divergence": trial["divergence"], "kept": trial["kept"]}
     return out
+
+
+def chosen_blend(c: dict) -> float:
+    """The blend ``evaluate`` keeps for a stored cell, by the current rule (``optin.allocation.choose``) from the
+    stored held-out divergences: a changed rule re-summarises without rerunning."""
+    trials = [Trial(float(a), {}, b["divergence"]) for a, b in c["blends"].items() if b.get("divergence") is not None]
+    return choose(trials).alpha
 
 
 def summarise(results: dict, args) -> dict:
@@ -74,10 +81,11 @@ def summarise(results: dict, args) -> dict:
                 got = [c["blends"].get(str(alpha), {}) for c in cells]
                 if all("examples" in g for g in got):
                     per[str(alpha)] = np.asarray([g["examples"] for g in got])
-            chosen = np.asarray([c["blends"][str(c["chosen"])]["examples"] for c in cells])
+            picks = [chosen_blend(c) for c in cells]
+            chosen = np.asarray([c["blends"][str(p)]["examples"] for c, p in zip(cells, picks)])
             row = {k: stats.summarize(v, counts) for k, v in per.items()}
             row["evaluate"] = stats.summarize(chosen, counts)
-            row["chosen"] = [c["chosen"] for c in cells]
+            row["chosen"] = picks
             if "0.0" in per:
                 row["evaluate_vs_scores"] = stats.paired_difference(chosen, per["0.0"], counts)
             row["seconds_choosing"] = float(np.mean([c["seconds_choosing"] for c in cells]))
