@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from . import __version__, registry
+from .allocation import BLENDS, DEFAULT_ALLOCATION, Trial, candidate_scores, choose, judge, parse_allocation, \
+    split_for_trial
 from .contracts import Adapter, Batch, Scorer, ScoreContext, TokenAdapter, TokenScorer, TokenSearcher
 from .degenerate import check_not_degenerate
 from .errors import BudgetError, OptinError
@@ -31,8 +33,6 @@ from .models import adapter_for, load_model, named_models
 from .progress import bar, say
 from .recovery import DEFAULT_RECOVER, parse_steps, recover as recover_masks, steps_for
 from .rankings import Checkpoint, Scores, check_unit_tensors, fingerprint
-from .allocation import BLENDS, DEFAULT_ALLOCATION, Trial, candidate_scores, choose, judge, parse_allocation, \
-    split_for_trial
 from .tasks import Task, file_task, get_task, known_tasks, sample
 from .units import CostModel, UnitTensors, counts_of, kept_counts
 
@@ -188,7 +188,8 @@ def allocate(adapter: Adapter, scores: Scores, budget: float, seq_len: float, se
              recalibrate: bool = True) -> tuple[UnitTensors, CostModel, dict]:
     """The search with the allocation ``allocation`` (``optin.allocation``): a fixed blend, or (``"evaluate"``)
     the candidate of ``BLENDS`` whose recovered, pruned model stays closest to the unpruned one on held-out
-    calibration examples. Returns the masks, the cost model and what was tried."""
+    calibration examples (the smallest blend within ``MARGIN`` of the closest, ``choose``). Returns the masks,
+    the cost model and what was tried."""
     how = parse_allocation(allocation)
     if how != "evaluate":
         alpha = 0.0 if how == "scores" else float(how)
