@@ -230,10 +230,9 @@ class TrajectoryScorer(Scorer):
         of units of ``kind`` at the first layer (the costliest), the second timed, against their modelled
         share of ``forward_seconds`` (the distances on the sampled rows and the replicas are not in the
         model, and their weight differs between models)."""
-        tokens = max(1, max(e.numel() // e.shape[-1] for e in trace.embeddings))
-        per = max(1, min(n // 2, self.forward_tokens(traces) // tokens))
         if n < 2 or forward_seconds <= 0:
             return 1.0
+        per = min(n // 2, self.masks_per_forward(trace, self.forward_tokens(traces)))
         self._chunk(adapter, batch, trace, probe, kind, 0, n, [[i] for i in range(per)], n_layers)  # warm-up
         t0 = time.perf_counter()
         self._chunk(adapter, batch, trace, probe, kind, 0, n, [[i] for i in range(per, 2 * per)], n_layers)
@@ -326,6 +325,12 @@ class TrajectoryScorer(Scorer):
         fits = available_bytes(e.device) // 4 // max(1, per_row)
         return int(max(1024, min(fits, 8192 if e.device.type == "cpu" else 1 << 20)))
 
+    @staticmethod
+    def masks_per_forward(trace: Trace, token_rows: int) -> int:
+        """How many masks one batched exact restart of ``trace``'s batch holds within ``token_rows`` rows."""
+        tokens = max(1, max(e.numel() // e.shape[-1] for e in trace.embeddings))
+        return max(1, token_rows // tokens)
+
     def _exact_jobs(self, kinds: list[str], counts: dict[str, list[int]], traces: list[Trace], plan: Plan
                     ) -> list[tuple[str, int, int, int, int]]:
         """The exact work in chunks of masks sharing one forward: (kind, layer, batch, first group, groups)."""
@@ -335,8 +340,7 @@ class TrajectoryScorer(Scorer):
             for layer, n in enumerate(counts[kind]):
                 n_groups = len(unit_groups(n, plan.group[kind]))
                 for b, tr in enumerate(traces):
-                    tokens = max(1, max(e.numel() // e.shape[-1] for e in tr.embeddings))
-                    per = max(1, budget // tokens)
+                    per = self.masks_per_forward(tr, budget)
                     for start in range(0, n_groups, per):
                         jobs.append((kind, layer, b, start, min(per, n_groups - start)))
         return jobs
