@@ -41,9 +41,9 @@ from .measure import metric_of_examples, params, per_example, timings
 from .outputs import lock_path
 from .progress import bar, say
 from .rankings import Scores, fingerprint
-from .recovery import DEFAULT_RECOVER
+from .recovery import DEFAULT_RECOVER, parse_recover_size
 from .recipe import (Plugins, RunConfig, apply_stage, batches_of, calibration_stage, check_budget, choose_plugins,
-                     load_stage, make_scorer, require_tokens, score, search_stage, token_stage)
+                     load_stage, make_scorer, more_calibration, require_tokens, score, search_stage, token_stage)
 from .tasks import Task, sample
 from .units import kept_counts
 
@@ -54,8 +54,9 @@ OUTPUTS = ("compare.json", "compare.md", "compare.png")
 # What the cells of a folder depend on besides the grid: a rerun with other values is refused.
 SETTINGS = ("model", "adapter", "task", "data", "eval_data", "extra", "metric", "calib_size", "eval_size",
             "batch_size", "searcher", "options", "device", "dtype", "recalibrate", "allow_degenerate", "speed",
-            "fingerprint", "eval_examples", "allocation")
-SETTING_DEFAULTS = {"allocation": "scores"}  # what folders journalled before a setting existed used
+            "fingerprint", "eval_examples", "allocation", "recover_size")
+# what folders journalled before a setting existed used
+SETTING_DEFAULTS = {"allocation": "scores", "recover_size": "calibration"}
 
 
 @dataclass
@@ -84,6 +85,7 @@ class CompareConfig:
     dtype: str = "float32"
     recalibrate: bool = True
     allocation: str | float = DEFAULT_ALLOCATION  # units per layer, as `optin run --allocation` (every cell)
+    recover_size: str | int = "auto"  # examples recovery uses, as `optin run --recover-size` (every cell)
     allow_degenerate: bool = False
     speed: bool = True  # time every pruned model of the first seed against the unpruned one
     speed_warmup: int = 3
@@ -316,7 +318,7 @@ def _cell(ctx: _Context, combo: Combination, budget: float, seed: int, calib: li
     ad = copy.deepcopy(ctx.base)
     masks, costs, allocated = search_stage(ad, scores, run, plugins, ctx.seq_len, calib)
     # recover (run.recover) on the masked model, then remove; the final masks (rearrangement moves units)
-    _, masks, applied = apply_stage(ad, masks, calib, ctx.evals[0], run)
+    _, masks, applied = apply_stage(ad, masks, calib, ctx.evals[0], run, more_calibration(ctx.base, ctx.task, run))
     applied = {"recover_steps" if k == "recover" else k: v for k, v in applied.items()}
     removals, token_macs = token_stage(ad, scores, run, plugins, costs, ctx.seq_len)
     macs_after = token_macs if token_macs is not None else costs.macs_of_masks(masks)
@@ -396,7 +398,7 @@ def _compare_locked(cfg: CompareConfig, combos: list[Combination], folder: Path)
                 "batch_size": cfg.batch_size, "searcher": cfg.searcher, "options": cfg.options,
                 "device": cfg.device, "dtype": cfg.dtype, "recalibrate": cfg.recalibrate,
                 "allow_degenerate": cfg.allow_degenerate, "speed": cfg.speed, "fingerprint": fp,
-                "allocation": parse_allocation(cfg.allocation),
+                "allocation": parse_allocation(cfg.allocation), "recover_size": parse_recover_size(cfg.recover_size),
                 "eval_examples": _examples_hash(evals)}
     settings = json.loads(json.dumps(settings))  # as the journal stores it
     if cfg.overwrite:

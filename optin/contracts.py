@@ -169,6 +169,14 @@ class Adapter(ABC):
         """Average token count per example used by the cost model (1 for models without tokens)."""
         return 1.0
 
+    def split(self, batch: Batch, size: int) -> list[Batch]:
+        """``batch`` as micro-batches of at most ``size`` examples, for passes whose result does not depend on
+        which examples run together (statistics summed over examples, e.g. recovery). Default: consecutive
+        slices. An adapter with padded inputs may group examples of similar length and trim each group's
+        padding: the same values for less work."""
+        from .gradients import micro_batches
+        return micro_batches(batch, size)
+
     def valid_tokens(self, batch: Batch) -> torch.Tensor | None:
         """(B, T) bool, True at real (non-padding) token positions of ``batch``; None when every position
         counts (images, unpadded text)."""

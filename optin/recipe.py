@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from .measure import evaluate, params, throughput
 from .outputs import MODEL, PARTIAL, REPORT, SCORES, OutputFolder
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
-from .recovery import DEFAULT_RECOVER, parse_steps, recover as recover_masks, steps_for
+from .recovery import DEFAULT_RECOVER, parse_recover_size, parse_steps, recover as recover_masks, recovery_size, steps_for
 from .rankings import Checkpoint, Scores, check_unit_tensors, fingerprint
 from .tasks import Task, file_task, get_task, known_tasks, sample
 from .units import CostModel, UnitTensors, counts_of, kept_counts
@@ -251,7 +251,10 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
     ``scores`` (a Scores object or a saved scores file) skips scoring: the same scores serve any budget.
     A degenerate result (every unit of a layer or a kind removed) is refused unless ``allow_degenerate``.
     ``recover`` (as ``optin run --recover``: ``auto``, ``none``, ``ptf`` or steps of rearrange/tune/reconstruct)
-    runs on the masked model before removal, from ``data``; what it did is in ``info["recovery"]``.
+    runs on the masked model before removal, from ``data``; what it did is in ``info["recovery"]``. Recovery
+    fits on ``data`` alone, where ``optin run`` may draw more examples (``--recover-size auto``: a CNN's last
+    convolutions on small maps need hundreds of images); ``info["recovery"]["wanted"]`` says how many that
+    rule would have used.
     ``allocation`` (as ``optin run --allocation``: ``scores``, ``evaluate`` or a blend in [0, 1]) decides how
     many units each layer keeps (``optin.allocation``); what was tried is in ``info["allocation"]``.
     """
@@ -270,7 +273,9 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
                                        data, steps, recalibrate=False)
     recovery: dict = {"steps": [], "layers": []}
     if steps:
+        wanted, _ = recovery_size(ad, masks, data, "auto")
         masks, recovery = recover_masks(ad, copy.deepcopy(ad), masks, data, steps)
+        recovery["wanted"] = wanted
     ad.prune(masks)
     return PruneResult(ad, masks, scores, costs.macs(), costs.macs_of_masks(masks),
                        {"seq_len": seq_len, "kept": kept_counts(masks), "recovery": recovery,
@@ -386,6 +391,7 @@ class RunConfig:
     dtype: str = "float32"
     recover: str = DEFAULT_RECOVER  # recovery after the search: auto, none, ptf, or rearrange/tune/reconstruct (comma-separated)
     allocation: str | float = DEFAULT_ALLOCATION  # units per layer: scores, evaluate, or a blend in [0, 1]
+    recover_size: str | int = "auto"  # examples recovery uses: auto, calibration, or a number (recovery.recovery_size)
 
     def checked(self) -> "RunConfig":
         """A copy with the budget and sizes validated (the only place a run checks them)."""
@@ -401,6 +407,7 @@ class RunConfig:
         resolve_dtype(self.dtype)
         parse_steps(self.recover)
         cfg.allocation = parse_allocation(self.allocation)
+        cfg.recover_size = parse_recover_size(self.recover_size)
         return cfg
 
 
@@ -463,6 +470,17 @@ def calibration_stage(ad: Adapter, task: Task, cfg: RunConfig) -> list[Batch]:
                       cfg.dtype)
 
 
+def more_calibration(ad: Adapter, task: Task, cfg: RunConfig) -> Callable[[int], list[Batch]]:
+    """A function giving up to ``n`` more training examples, not in the calibration sample, drawn with the
+    run's seed (in batches of ``calib_size``): what recovery adds when the calibration sample is too small."""
+    def more(n: int) -> list[Batch]:
+        pool = task.examples("train")
+        taken = {id(e) for e in sample(pool, cfg.calib_size, cfg.seed)}
+        rest = [e for e in pool if id(e) not in taken]
+        return batches_of(ad, sample(rest, n, cfg.seed), cfg.calib_size, cfg.device, cfg.dtype)
+    return more
+
+
 def score_stage(ad: Adapter, calib: list[Batch], cfg: RunConfig, plugins: Plugins, out: Path
                 ) -> tuple[Scores | None, float]:
     """Scores from ``scores_file`` (checked against the model) or computed (resumably) and saved; None for a
@@ -496,20 +514,30 @@ def search_stage(ad: Adapter, scores: Scores | None, cfg: RunConfig, plugins: Pl
     return {k: [torch.ones(n) for n in ns] for k, ns in ad.unit_counts().items()}, ad.cost_model(seq_len), {}
 
 
-def apply_stage(ad: Adapter, masks: UnitTensors, calib: list[Batch], check: Batch, cfg: RunConfig
-                ) -> tuple[Adapter, UnitTensors, dict]:
+def apply_stage(ad: Adapter, masks: UnitTensors, calib: list[Batch], check: Batch, cfg: RunConfig,
+                more: Callable[[int], list[Batch]] | None = None) -> tuple[Adapter, UnitTensors, dict]:
     """Recover (``cfg.recover``: PTF's rearrangement/tuning or least-squares reconstruction, on the masked
     model), physically remove the masked units (in place), check the result against the recovered masked
-    model on ``check``, then re-estimate stale statistics. Returns the unpruned original, the final masks
-    (rearrangement may change which units go) and what was done."""
+    model on ``check``, then re-estimate stale statistics. Recovery and re-estimation use the calibration
+    sample, plus ``more(n)`` examples where ``cfg.recover_size`` asks for more (``recovery.recovery_size``).
+    Returns the unpruned original, the final masks (rearrangement may change which units go) and what was done."""
     original = copy.deepcopy(ad)
     steps, note = steps_for(cfg.recover, ad)
     if note:
         say(note)
     t0 = time.perf_counter()
+    data = calib
     if steps:
+        have = sum(ad.batch_size(b) for b in calib)
+        want, why = recovery_size(ad, masks, calib, cfg.recover_size)
+        if want > have and more is not None:
+            data = calib + more(want - have)
+            got = sum(ad.batch_size(b) for b in data)
+            say(f"recovery: {got} examples ({why}" + (f"; the data has {got}" if got < want else "") + ")")
         with bar(f"recovering ({', '.join(steps)})", total=None) as (advance, _):
-            masks, recovery = recover_masks(ad, original, masks, calib, steps, advance=advance)
+            masks, recovery = recover_masks(ad, original, masks, data, steps, advance=advance)
+        recovery["examples"] = sum(ad.batch_size(b) for b in data)
+        recovery["examples_why"] = why
     else:
         recovery = {"steps": [], "layers": []}
     recovery["seconds"] = time.perf_counter() - t0
@@ -518,7 +546,7 @@ def apply_stage(ad: Adapter, masks: UnitTensors, calib: list[Batch], check: Batc
     ad.prune(masks)
     with torch.no_grad():
         diff = float((ad.logits(check) - expected).abs().max())
-    recalibrated = bool(cfg.recalibrate) and ad.recalibrate(calib)  # after the removal == masking check
+    recalibrated = bool(cfg.recalibrate) and ad.recalibrate(data)  # after the removal == masking check
     return original, masks, {"max_abs_diff_vs_masked": diff, "recalibrated": recalibrated,
                              "recover": list(steps), "recovery": recovery}
 
@@ -627,7 +655,7 @@ def run_stages(cfg: RunConfig, plugins: Plugins, out: Path, t_start: float) -> d
                        cfg.dtype)
     seq_len = ad.seq_len(evals)
     masks, costs, allocated = search_stage(ad, scores, cfg, plugins, seq_len, calib)
-    original, masks, applied = apply_stage(ad, masks, calib, evals[0], cfg)
+    original, masks, applied = apply_stage(ad, masks, calib, evals[0], cfg, more_calibration(ad, the_task, cfg))
     removals, token_macs = token_stage(ad, scores, cfg, plugins, costs, seq_len)
     macs_after = token_macs if token_macs is not None else costs.macs_of_masks(masks)
     measured = evaluate_stage(original, ad, evals, the_task, cfg.device)

@@ -24,6 +24,7 @@ gives exactly the recovered masked model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +36,7 @@ from .contracts import Adapter, Batch, UnitSite
 from .errors import OptinError
 from .gradients import frozen, micro_batches
 from .hooking import removing
+from .lockstep import Lockstep
 from .units import UnitTensors
 
 STEPS = ("rearrange", "tune", "reconstruct")
@@ -43,6 +45,8 @@ AUTO = ("reconstruct",)
 ALIASES = {"none": (), "ptf": ("rearrange", "tune")}
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of X^T X
 PASS = 16  # examples per forward when gathering a layer's statistics (a convolution's patches grow with maps)
+ROWS_PER_COLUMN = 2  # --recover-size auto: design rows per fitted column wanted in every reading layer
+MAX_RECOVER_EXAMPLES = 2048  # --recover-size auto draws at most this many examples
 
 
 def _parts(text: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -146,11 +150,7 @@ def tuned_scales(gram: torch.Tensor, cross_w: torch.Tensor, w: torch.Tensor, uni
     return torch.linalg.solve(lhs, c + lam) if k else c
 
 
-# --- capturing what a reading layer sees ------------------------------------------------------------
-class _Stop(Exception):
-    """Raised by a hook to end a forward once what is needed has been captured."""
-
-
+# --- what a reading layer sees --------------------------------------------------------------------
 def design_rows(reader: nn.Module, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """The rows of a reading layer's input, as a linear map sees them: (rows, in_features) for a Linear
     (padding positions dropped), (positions, in_channels x kernel) for a Conv2d (``F.unfold``)."""
@@ -173,26 +173,6 @@ def output_rows(reader: nn.Module, y: torch.Tensor, valid: torch.Tensor | None) 
     return y.reshape(-1, y.shape[-1])
 
 
-def capture(adapter: Adapter, batch: Batch, reader: nn.Module, output: bool) -> torch.Tensor:
-    """The input (or output) of ``reader`` for ``batch``, as rows; the forward stops right after it."""
-    seen: dict[str, torch.Tensor] = {}
-    valid = adapter.valid_tokens(batch)
-
-    def grab(m: nn.Module, args: tuple, out: torch.Tensor | None = None) -> None:
-        seen["x"] = output_rows(m, out, valid) if output else design_rows(m, args[0], valid)
-        raise _Stop
-
-    hook = reader.register_forward_hook(grab) if output else reader.register_forward_pre_hook(grab)
-    with removing([hook]), torch.no_grad():
-        try:
-            adapter.logits(batch)
-        except _Stop:
-            pass
-    if "x" not in seen:
-        raise OptinError(f"adapter {adapter.name!r}: the forward never reached the layer that reads the units")
-    return seen["x"].double()
-
-
 @dataclass
 class Reader:
     """One reading layer to recover: its kind/layer, the module, and which of its input columns are kept."""
@@ -203,6 +183,7 @@ class Reader:
     unit_size: int
     kept: torch.Tensor  # (n,) bool over the units
     columns_per_unit: int  # input columns of ``module`` per unit (unit_size, or unit_size x kernel for convs)
+    rows_per_example: float = 0.0  # design rows one example gives (tokens, or a convolution's output positions)
 
     def columns(self) -> torch.Tensor:
         """The module's input columns owned by the kept units."""
@@ -211,8 +192,10 @@ class Reader:
         return (idx[:, None] * c + torch.arange(c)[None, :]).flatten()
 
 
-def readers(adapter: Adapter, masks: UnitTensors, batch: Batch) -> list[Reader]:
-    """The reading layers of every (kind, layer) that loses units, in the order the forward reaches them."""
+def readers(adapter: Adapter, masks: UnitTensors, batch: Batch, rows: bool = True) -> list[Reader]:
+    """The reading layers of every (kind, layer) that loses units, in the order the forward reaches them, with
+    (``rows``) the design rows an example of ``batch`` gives each: one forward of ``batch`` by trimmed
+    micro-batches (of its first micro-batch only, without ``rows``)."""
     found: list[tuple[str, int, UnitSite]] = []
     for kind, per_layer in masks.items():
         for layer, mask in enumerate(per_layer):
@@ -224,17 +207,75 @@ def readers(adapter: Adapter, masks: UnitTensors, batch: Batch) -> list[Reader]:
                                  "recovery needs Adapter.unit_reader")
             found.append((kind, layer, site))
     order: list[nn.Module] = []
-    handles = [site.module.register_forward_pre_hook(
-        lambda m, a: order.append(m) if not any(m is o for o in order) else None) for _, _, site in found]
-    with removing(handles), torch.no_grad():
-        adapter.logits(batch)
+    counted: dict[int, int] = {}
+    valid: list[torch.Tensor | None] = [None]
+
+    def seen(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
+        if not any(m is x for x in order):
+            order.append(m)
+        counted[id(m)] = counted.get(id(m), 0) + output_rows(m, o, valid[0]).shape[0]
+
+    modules = {id(site.module): site.module for _, _, site in found}
+    micro = adapter.split(batch, PASS)
+    micro = micro if rows else micro[:1]
+    with removing([m.register_forward_hook(seen) for m in modules.values()]), torch.no_grad():
+        for mb in micro:
+            valid[0] = adapter.valid_tokens(mb)
+            adapter.logits(mb)
     rank = {id(m): i for i, m in enumerate(order)}
+    examples = max(1, sum(adapter.batch_size(mb) for mb in micro))
     out = []
     for kind, layer, site in sorted(found, key=lambda f: rank.get(id(f[2].module), len(order))):
         module = site.module
         kernel = module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
-        out.append(Reader(kind, layer, module, site.unit_size, masks[kind][layer] > 0, site.unit_size * kernel))
+        out.append(Reader(kind, layer, module, site.unit_size, masks[kind][layer] > 0, site.unit_size * kernel,
+                          counted.get(id(module), 0) / examples))
     return out
+
+
+# --- how many examples recovery uses -----------------------------------------------------------------
+def parse_recover_size(value: str | int | None) -> str | int:
+    """``"auto"`` (``RECOVER_SIZES``), ``"calibration"`` (the calibration sample only) or a number of examples."""
+    if value is None:
+        return "auto"
+    if isinstance(value, str) and value.strip().lower() in ("auto", "calibration"):
+        return value.strip().lower()
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if isinstance(value, bool) or n < 1:
+        raise OptinError(f"--recover-size must be auto, calibration or a positive number of examples, got {value!r}")
+    return n
+
+
+def examples_for_rows(columns: list[int], rows_per_example: list[float], ratio: float = ROWS_PER_COLUMN) -> int:
+    """The fewest examples that give every reading layer ``ratio`` design rows per fitted column (its kept
+    input columns and the bias): ``max ceil(ratio * (columns + 1) / rows_per_example)``; 0 for no layer."""
+    need = [math.ceil(ratio * (c + 1) / r) for c, r in zip(columns, rows_per_example) if r > 0]
+    return max(need, default=0)
+
+
+def recovery_size(adapter: Adapter, masks: UnitTensors, batches: list[Batch], setting: str | int) -> tuple[int, str]:
+    """How many examples recovery should use in all, and why: the calibration sample (``"calibration"``), a
+    given number, or (``"auto"``) enough for ``ROWS_PER_COLUMN`` rows per fitted column in every reading layer
+    (never fewer than the calibration sample, at most ``MAX_RECOVER_EXAMPLES``). A least-squares refit with
+    fewer rows than columns is underdetermined; the ridge is chosen on one half of the rows and checked on the
+    other, so each half should be as large as the columns. Text and ViT layers see a row per token and have
+    enough; a CNN's last convolutions on small maps see a few positions per image and may not."""
+    have = sum(adapter.batch_size(b) for b in batches)
+    setting = parse_recover_size(setting)
+    if setting == "calibration":
+        return have, "the calibration sample"
+    if isinstance(setting, int):
+        return max(have, setting), f"--recover-size {setting}"
+    todo = readers(adapter, masks, batches[0]) if batches else []
+    need = examples_for_rows([int(r.columns().numel()) for r in todo], [r.rows_per_example for r in todo])
+    if need <= have:
+        return have, f"the calibration sample gives every reading layer {ROWS_PER_COLUMN} rows per column"
+    want = min(need, MAX_RECOVER_EXAMPLES)
+    return max(have, want), (f"{ROWS_PER_COLUMN} rows per fitted column in every reading layer need {need} examples"
+                             + (f", at most {MAX_RECOVER_EXAMPLES}" if need > want else ""))
 
 
 def _weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -267,14 +308,9 @@ def recover(adapter: Adapter, original: Adapter, masks: UnitTensors, batches: li
     refit = "tune" if "tune" in steps else "reconstruct" if "reconstruct" in steps else None
     if refit is None:
         return masks, info
-    todo = readers(adapter, masks, batches[0])
+    todo = readers(adapter, masks, batches[0], rows=False)
     with adapter.masked(masks):
-        if len(batches) == 1:  # the CLI's case: two forward passes in all
-            info["layers"] = _refit_in_one_pass(adapter, original, todo, batches[0], refit, advance)
-        else:
-            for r in todo:
-                info["layers"].append(_refit(adapter, original, r, batches, refit))
-                advance(1)
+        info["layers"] = _refit_in_one_pass(adapter, original, todo, batches, refit, advance)
     return masks, info
 
 
@@ -325,46 +361,43 @@ def _stats(rows_x: torch.Tensor, rows_y: torch.Tensor) -> tuple[torch.Tensor, to
     return x1.T @ x1, x1.T @ rows_y, float(rows_y.pow(2).sum())
 
 
-def _refit(adapter: Adapter, original: Adapter, r: Reader, batches: list[Batch], how: str) -> dict:
-    """Tune or reconstruct one reading layer from statistics gathered over several calibration batches (one
-    forward of each model per micro-batch, stopped at the layer)."""
-    cols = r.columns()
-    twin = _twin(original, adapter, r.module)
-    halves: list = [None, None]
-    for batch in (mb for b in batches for mb in micro_batches(b, PASS)):  # bounded memory (conv patches)
-        x = capture(adapter, batch, r.module, output=False).cpu()[:, cols]
-        y = capture(original, batch, twin, output=True).cpu()
-        halves = _accumulate(halves, x, y)
-    return _solve(r, halves, how)
-
-
-def _refit_in_one_pass(adapter: Adapter, original: Adapter, todo: list[Reader], batch: Batch, how: str,
+def _refit_in_one_pass(adapter: Adapter, original: Adapter, todo: list[Reader], batches: list[Batch], how: str,
                        advance: Callable[[int], None]) -> list[dict]:
-    """Every reading layer of one calibration batch in one forward pass: the unpruned outputs of all of them
-    come from one forward of ``original``; then, in one forward of ``adapter``, each layer is refit in a hook
-    just before it runs (from its input at that moment, which the layers refit before it already shaped) and
-    the forward goes on with the new weights: the sequential algorithm at the cost of two forward passes."""
-    valid = adapter.valid_tokens(batch)
-    targets: dict[int, torch.Tensor] = {}
-    twins = {id(r.module): _twin(original, adapter, r.module) for r in todo}
-    grab = [twins[id(r.module)].register_forward_hook(
-        lambda m, a, o, i=i: targets.__setitem__(i, output_rows(m, o, valid).float().cpu())) for i, r in enumerate(todo)]
-    with removing(grab), torch.no_grad():
-        original.logits(batch)
+    """Every reading layer, in order, from the whole calibration sample seen in one forward pass of each
+    model: the sample runs as micro-batches (``Adapter.split``: trimmed to their own length where inputs are
+    padded), every micro-batch's forward stops at each reading layer (``optin.lockstep``), and once all of
+    them are there the layer is refit from their statistics (its input as the layers refit before it shaped
+    it; the unpruned model's output as the target) and they go on with the new weights. The sequential
+    algorithm at the cost of two forward passes, with one layer's statistics in memory at a time."""
+    micro = [mb for b in batches for mb in adapter.split(b, PASS)]
+    valid = [adapter.valid_tokens(mb) for mb in micro]
+    twins = [_twin(original, adapter, r.module) for r in todo]
+    calls = [lambda mb=mb: original.logits(mb) for mb in micro] + [lambda mb=mb: adapter.logits(mb) for mb in micro]
     records: list[dict] = []
-
-    def refit(i: int, r: Reader, module: nn.Module, args: tuple) -> None:
-        x = design_rows(module, args[0], valid).cpu()[:, r.columns()]
-        records.append(_solve(r, _accumulate([None, None], x, targets.pop(i)), how))
-        advance(1)
-
-    hooks = [r.module.register_forward_pre_hook(lambda m, a, i=i, r=r: refit(i, r, m, a)) for i, r in enumerate(todo)]
-    with removing(hooks), torch.no_grad():
-        adapter.logits(batch)
-    if len(records) != len(todo):
-        raise OptinError(f"adapter {adapter.name!r}: the forward reached {len(records)} of the {len(todo)} layers "
-                         "that read pruned units")
+    with Lockstep(calls) as steps:
+        hooks = [t.register_forward_hook(lambda m, a, o, i=i: steps.pause((i, o))) for i, t in enumerate(twins)]
+        hooks += [r.module.register_forward_pre_hook(lambda m, a, i=i: steps.pause((i, a[0])))
+                  for i, r in enumerate(todo)]
+        with removing(hooks):
+            for i, r in enumerate(todo):
+                cols, halves = r.columns(), [None, None]
+                for b in range(len(micro)):
+                    y = _reached(steps.advance(b), i, adapter)
+                    x = _reached(steps.advance(len(micro) + b), i, adapter)
+                    halves = _accumulate(halves, design_rows(r.module, x, valid[b]).cpu()[:, cols],
+                                         output_rows(r.module, y, valid[b]).cpu())
+                records.append(_solve(r, halves, how))
+                advance(1)
     return records
+
+
+def _reached(value: object, i: int, adapter: Adapter) -> torch.Tensor:
+    """What a forward handed over at reading layer ``i``; an error when it ended or stopped elsewhere."""
+    if value is Lockstep.FINISHED or value[0] != i:  # type: ignore[index]
+        where = "ended" if value is Lockstep.FINISHED else f"reached reading layer {value[0]}"  # type: ignore[index]
+        raise OptinError(f"adapter {adapter.name!r}: the forward {where} where reading layer {i} of the pruned "
+                         "units was due (recovery needs each reading layer to run once per forward, in one order)")
+    return value[1]  # type: ignore[index]
 
 
 def _accumulate(halves: list, x: torch.Tensor, y: torch.Tensor, chunk: int = 16384) -> list:

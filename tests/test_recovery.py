@@ -126,16 +126,75 @@ def test_recovered_model_pruned_equals_recovered_masked(name, steps):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), float((got - expected).abs().max())
 
 
-def test_one_pass_equals_layer_by_layer():
-    """With one calibration batch every reading layer is refit in one forward (hooks refit each layer just before
-    it runs); the result equals refitting them one after the other with a forward each."""
-    t = tiny("bert")
+class _Stop(Exception):
+    pass
+
+
+def _seen(adapter, batch, module, output: bool) -> torch.Tensor:
+    """What ``module`` reads (or writes) on ``batch``, the forward stopped right after it."""
+    seen = {}
+
+    def grab(m, args, out=None):
+        seen["x"] = out if output else args[0]
+        raise _Stop
+
+    hook = module.register_forward_hook(grab) if output else module.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            adapter.logits(batch)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    return seen["x"]
+
+
+@pytest.mark.parametrize("name", ["bert", "vit", "vgg"])
+def test_one_pass_equals_layer_by_layer(name, monkeypatch):
+    """The sample runs once, by micro-batches (length-trimmed for text) that all stop at each reading layer
+    while it is refit; the result equals refitting the layers one after the other, each from forwards of
+    every micro-batch up to it through the layers refit before it."""
+    monkeypatch.setattr(recovery, "PASS", 2)  # several micro-batches
+    t = tiny(name)
     scores = optin.score(t.adapter, [t.batch], "random", seed=3)
-    masks, _ = optin.search(t.adapter, scores, 0.6, t.seq_len, allow_degenerate=True)
+    seq_len = t.seq_len or t.adapter.seq_len([t.batch])
+    masks, _ = optin.search(t.adapter, scores, 0.6, seq_len, allow_degenerate=True)
     one, layered = copy.deepcopy(t.adapter), copy.deepcopy(t.adapter)
-    recovery.recover(one, copy.deepcopy(t.adapter), masks, [t.batch], ("reconstruct",))
+    info = recovery.recover(one, copy.deepcopy(t.adapter), masks, [t.batch], ("reconstruct",))[1]
+    micro = layered.split(t.batch, 2)
+    assert len(micro) > 1
+    names = {id(m): n for n, m in layered.model.named_modules()}
+    originals = dict(t.adapter.model.named_modules())
     with layered.masked(masks):
-        for r in recovery.readers(layered, masks, t.batch):
-            recovery._refit(layered, t.adapter, r, [t.batch], "reconstruct")
-    for (name, a), (_, b) in zip(one.model.named_parameters(), layered.model.named_parameters()):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
+        todo = recovery.readers(layered, masks, t.batch)
+        for r in todo:
+            halves = [None, None]
+            for mb in micro:
+                valid = layered.valid_tokens(mb)
+                x = recovery.design_rows(r.module, _seen(layered, mb, r.module, False), valid)[:, r.columns()]
+                y = recovery.output_rows(r.module, _seen(t.adapter, mb, originals[names[id(r.module)]], True), valid)
+                halves = recovery._accumulate(halves, x.double(), y.double())
+            recovery._solve(r, halves, "reconstruct")
+    assert len(info["layers"]) == len(todo)
+    for (pname, a), (_, b) in zip(one.model.named_parameters(), layered.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), pname
+
+
+def test_text_splits_into_trimmed_groups_of_similar_length():
+    """``Adapter.split`` on padded text: groups sorted by length, each trimmed to its longest text, every
+    example once, and the same logits as the whole padded batch."""
+    t = tiny("bert")
+    batch = t.batch
+    parts = t.adapter.split(batch, 2)
+    lengths = batch["attention_mask"].sum(1)
+    assert sorted(int(l) for p in parts for l in p["attention_mask"].sum(1)) == sorted(lengths.tolist())
+    assert all(p["input_ids"].shape[1] == int(p["attention_mask"].sum(1).max()) for p in parts)  # trimmed
+    assert max(p["input_ids"].shape[1] for p in parts) == batch["input_ids"].shape[1]
+    assert min(p["input_ids"].shape[1] for p in parts) < batch["input_ids"].shape[1]
+    with torch.no_grad():
+        whole = t.adapter.logits(batch)
+        pieces = torch.cat([t.adapter.logits(p) for p in parts])
+    labels = torch.cat([p["labels"] for p in parts])
+    order = torch.argsort(lengths, stable=True)
+    assert torch.equal(labels, batch["labels"][order])
+    assert torch.allclose(pieces, whole[order], atol=1e-5)

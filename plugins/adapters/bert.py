@@ -306,23 +306,38 @@ class BertAdapter(HookedAdapter):
 
     chunk_size = 8  # examples per length-sorted chunk in trace/run_from (0 = no chunking)
 
+    @staticmethod
+    def _length_groups(mask: torch.Tensor, size: int) -> list[tuple[torch.Tensor, int]] | None:
+        """Groups of at most ``size`` examples of similar length (index, longest length) for a right-padded
+        attention mask; None when it is not right-padded or needs no grouping."""
+        lengths = mask.sum(1)
+        n = mask.shape[0]
+        right_padded = bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all())
+        if not size or n <= size or not right_padded:
+            return None
+        order = torch.argsort(lengths, stable=True)
+        return [(order[s:s + size], int(lengths[order[s:s + size]].max())) for s in range(0, n, size)]
+
     def _chunks(self, batch: Batch) -> list[tuple[torch.Tensor, Batch]]:
         """Split a right-padded batch into chunks of similar length, each trimmed to its own longest
         example: sequences do not interact in an encoder, so this changes no value, only skips padding."""
         inputs = self._inputs(batch)
-        mask = inputs["attention_mask"]
-        lengths = mask.sum(1)
-        n = mask.shape[0]
-        right_padded = bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all())
-        if not self.chunk_size or n <= self.chunk_size or not right_padded:
-            return [(torch.arange(n), inputs)]
-        order = torch.argsort(lengths, stable=True)
-        out = []
-        for s in range(0, n, self.chunk_size):
-            idx = order[s:s + self.chunk_size]
-            t = int(lengths[idx].max())
-            out.append((idx, {k: (v[idx][:, :t] if v.dim() == 2 else v[idx]) for k, v in inputs.items()}))
-        return out
+        groups = self._length_groups(inputs["attention_mask"], self.chunk_size)
+        if groups is None:
+            return [(torch.arange(inputs["attention_mask"].shape[0]), inputs)]
+        return [(idx, {k: (v[idx][:, :t] if v.dim() == 2 else v[idx]) for k, v in inputs.items()}) for idx, t in groups]
+
+    def split(self, batch: Batch, size: int) -> list[Batch]:
+        """Micro-batches of similar length, each trimmed to its own longest text (no value changes; the
+        padding's work is skipped)."""
+        mask = batch.get("attention_mask")
+        groups = None if mask is None else self._length_groups(mask, size)
+        if groups is None:
+            return super().split(batch, size)
+        n, t_all = mask.shape
+        return [{k: (v[idx][:, :t] if torch.is_tensor(v) and v.dim() == 2 and tuple(v.shape) == (n, t_all)
+                     else v[idx] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v)
+                 for k, v in batch.items()} for idx, t in groups]
 
     def forward_embeddings(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every block's FFN output in the padded layout of ``trace`` and the logits, with autograd on, run
