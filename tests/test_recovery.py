@@ -198,3 +198,32 @@ def test_text_splits_into_trimmed_groups_of_similar_length():
     order = torch.argsort(lengths, stable=True)
     assert torch.equal(labels, batch["labels"][order])
     assert torch.allclose(pieces, whole[order], atol=1e-5)
+
+
+@pytest.mark.parametrize("start", range(6))
+def test_downhill_finds_the_minimum_of_one_valley_with_few_evaluations(start):
+    values = [5.0, 3.0, 2.0, 2.5, 4.0, 9.0]
+    calls = []
+    got = recovery.downhill(lambda i: calls.append(i) or values[i], len(values), start)
+    assert got == 2 and len(set(calls)) == len(calls)  # each index once
+    assert len(calls) <= abs(start - 2) + 3  # the walk, the neighbour past the minimum, one wrong way
+
+
+def test_downhill_stops_at_the_first_valley_it_meets():
+    values = [1.0, 3.0, 2.0, 4.0]  # two valleys: the walk stays in the one it starts in or falls into
+    assert recovery.downhill(lambda i: values[i], 4, 2) == 2
+    assert recovery.downhill(lambda i: values[i], 4, 1) == 2  # the lower neighbour is to the right
+    assert recovery.downhill(lambda i: values[i], 4, 0) == 0
+
+
+def test_the_ridge_residual_without_the_gram_equals_the_one_with_it():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(50, 6, generator=g, dtype=torch.float64), torch.ones(50, 1, dtype=torch.float64)], 1)
+    y = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    w0 = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    gram, cross, ysq = x.T @ x, x.T @ y, float(y.pow(2).sum())
+    for lam in (0.0, 0.1, 10.0):
+        w = recovery.ridge_fit(gram, cross, w0, lam)
+        direct = float((x @ w.T - y).pow(2).sum())
+        assert recovery.ridge_residual(cross, ysq, w, w0, lam) == pytest.approx(direct, rel=1e-9)
+        assert recovery._residual(gram, cross, ysq, w) == pytest.approx(direct, rel=1e-9)
