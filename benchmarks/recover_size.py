@@ -161,7 +161,8 @@ def main() -> None:
     args = ap.parse_args()
     args.command = "python benchmarks/recover_size.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if v is not None and k not in ("out", "command"))
+        for k, v in vars(args).items()
+        if v is not None and k not in ("out", "command") and not (k == "model" and args.own_cnn))
     name = args.model
     if args.own_cnn:
         args.model = build_own_cnn(Path(args.own_cnn))

@@ -1,0 +1,104 @@
+"""Which units, or how many per layer? Two scorers' masks taken apart (issue "Accuracy at budget").
+
+For scorers A and B at each budget and calibration seed: A's masks and B's masks (each at its own
+allocation blend), then A's order inside each layer with B's kept count per layer, and B's order with A's
+counts; each recovered (``--recover auto``), removed and evaluated on the same held-out examples, paired
+against A. When "A's order, B's counts" closes most of the gap to B, the scorers differ in how many units
+each layer keeps, not in which.
+
+    python benchmarks/allocation_hybrid.py --model m2f-mosaic --a trajectory:0 --b magnitude:0.25 \\
+        --budgets 0.8 0.7 --calib-size 64 --eval-size 500 --batch-size 50 --metric agreement
+
+Scores come from ``benchmarks/runs/compare-{model}/scores/{scorer}-seed{seed}.safetensors``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from optin import stats
+from optin.compare import EVAL_SEED
+from optin.measure import per_example
+from optin.models import load_model
+from optin.rankings import Scores
+from optin.recipe import batches_of, resolve_task, search
+from optin.recovery import recover, steps_for
+from optin.tasks import sample
+from optin.units import UnitTensors
+
+
+def top_k(order: UnitTensors, counts: dict[str, list[int]]) -> UnitTensors:
+    """Keep-masks that keep, in each layer, the ``counts`` units ranked highest by ``order``."""
+    out: UnitTensors = {}
+    for kind, layers in order.items():
+        out[kind] = []
+        for t, k in zip(layers, counts[kind]):
+            m = torch.zeros(t.numel())
+            m[torch.argsort(t.double().flatten(), descending=True, stable=True)[:k]] = 1.0
+            out[kind].append(m)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="m2f-mosaic")
+    ap.add_argument("--a", default="trajectory:0", help="scorer:blend")
+    ap.add_argument("--b", default="magnitude:0.25", help="scorer:blend")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.7])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--calib-size", type=int, default=64)
+    ap.add_argument("--eval-size", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--metric", default=None)
+    args = ap.parse_args()
+    (sa, ba), (sb, bb) = [(s.split(":")[0], float(s.split(":")[1])) for s in (args.a, args.b)]
+    base = load_model(args.model)
+    task = resolve_task(None, None, args.model)
+    task.prepare(base, args.model)
+    metric = args.metric or task.metric
+    steps, _ = steps_for("auto", base)
+    evals = batches_of(base, sample(task.examples("test"), args.eval_size, EVAL_SEED), args.batch_size)
+    seq_len = base.seq_len(evals)
+    results: dict[str, list] = {}
+    counts_of: dict[str, list] = {}
+    for seed in args.seeds:
+        calib = batches_of(base, sample(task.examples("train"), args.calib_size, seed), args.calib_size)
+        a, b = (Scores.load(f"benchmarks/runs/compare-{args.model}/scores/{s}-seed{seed}.safetensors") for s in (sa, sb))
+        for budget in args.budgets:
+            ma, _ = search(base, a, budget, seq_len, allocation=ba)
+            mb, _ = search(base, b, budget, seq_len, allocation=bb)
+            ca = {k: [int(m.sum()) for m in v] for k, v in ma.items()}
+            cb = {k: [int(m.sum()) for m in v] for k, v in mb.items()}
+            counts_of[f"{budget}|{seed}"] = {sa: ca, sb: cb}
+            variants = {sa: ma, sb: mb, f"{sa} order, {sb} counts": top_k(a.values, cb),
+                        f"{sb} order, {sa} counts": top_k(b.values, ca)}
+            for name, masks in variants.items():
+                ad = copy.deepcopy(base)
+                kept, _ = recover(ad, base, masks, calib, steps)
+                ad.prune(kept)
+                ad.recalibrate(calib)
+                results.setdefault(f"{name}|{budget}", []).append(per_example(ad, evals, metric, base).numpy().tolist())
+            print(f"seed {seed} budget {budget}: kept per layer {sa} {ca}, {sb} {cb}", flush=True)
+    counts = stats.resample_counts(args.eval_size)
+    rows = {}
+    for key, v in results.items():
+        name, budget = key.split("|")
+        ref = np.asarray(results[f"{sa}|{budget}"])
+        rows[key] = {**stats.summarize(np.asarray(v), counts),
+                     f"vs_{sa}": stats.paired_difference(np.asarray(v), ref, counts)}
+        d = rows[key][f"vs_{sa}"]
+        print(f"{budget} {name}: {rows[key]['mean']:.4f}  vs {sa} {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
+    out = Path(f"benchmarks/results/allocation_hybrid-{args.model}.json")
+    out.write_text(json.dumps({"command": "python benchmarks/allocation_hybrid.py " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items() if v is not None), "metric": metric, "rows": rows, "kept": counts_of,
+        "threads": torch.get_num_threads()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
