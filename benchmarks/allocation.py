@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from saved_scores import scores_for
 
-import optin
 from optin import stats
 from optin.allocation import BLENDS, Trial, choose
 from optin.compare import EVAL_SEED
 from optin.measure import metric_of_examples, per_example
 from optin.models import load_model
-from optin.rankings import Scores, fingerprint
+from optin.rankings import Scores
 from optin.recipe import allocate, batches_of, resolve_task
 from optin.recovery import recover, steps_for
 from optin.tasks import sample
@@ -156,12 +156,7 @@ def main() -> None:
     for seed in args.seeds:
         calib = batches_of(base, sample(task.examples("train"), args.calib_size, seed), args.calib_size)
         for scorer in args.scorers:
-            path = Path(args.compare) / "scores" / f"{scorer}-seed{seed}.safetensors"
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                optin.score(copy.deepcopy(base), calib, scorer, seed=seed).save(path)
-            scores = Scores.load(path)
-            scores.check_matches(base.name, fingerprint(base.model), base.unit_counts())
+            scores = scores_for(base, calib, scorer, seed, Path(args.compare) / "scores")
             for budget in args.budgets:
                 key = f"{scorer}|{budget}|{seed}"
                 if key in results["cells"]:

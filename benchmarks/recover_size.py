@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from saved_scores import scores_for
 
-import optin
 from optin import stats
 from optin.compare import EVAL_SEED
 from optin.measure import metric_of_examples, per_example
 from optin.models import load_model
-from optin.rankings import Scores, fingerprint
+from optin.rankings import Scores
 from optin.recipe import RunConfig, allocate, batches_of, more_calibration, resolve_task
 from optin.recovery import recover, recovery_size, steps_for
 from optin.tasks import sample
@@ -43,12 +43,13 @@ VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 def build_own_cnn(folder: Path) -> str:
     """A VGG-11-BN (width 0.5, CIFAR-style, 28px input zero-padded to 32) trained one epoch on Fashion-MNIST with
     the recipe ``vgg-fmnist`` uses, saved as an optin CNN folder (architecture ``vgg``): built once."""
-    from optin.tasks import get_task
     from optin_plugins.adapters.cnn_common import save_cnn_folder
     from optin_plugins.adapters.vgg import VggAdapter, _init, assemble_vgg, vgg_spec
     from optin_plugins.zoo.cnn import VGG_RECIPE, train_vgg
     from optin_plugins.zoo.vit_fmnist import MEAN, STD, evaluate_vit
     from torch import nn
+
+    from optin.tasks import get_task
 
     model_dir = folder / "model"
     if (model_dir / "optin-train.json").is_file():
@@ -183,12 +184,7 @@ def main() -> None:
     for seed in args.seeds:
         calib = batches_of(base, sample(task.examples("train"), args.calib_size, seed), args.calib_size)
         for scorer in args.scorers:
-            path = scores_dir / f"{scorer}-seed{seed}.safetensors"
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                optin.score(copy.deepcopy(base), calib, scorer, seed=seed).save(path)
-            scores = Scores.load(path)
-            scores.check_matches(base.name, fingerprint(base.model), base.unit_counts())
+            scores = scores_for(base, calib, scorer, seed, scores_dir)
             for budget in args.budgets:
                 key = f"{scorer}|{budget}|{seed}"
                 if key in results["cells"]:

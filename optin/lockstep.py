@@ -17,7 +17,8 @@ the default run.)
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import greenlet
 import torch
@@ -45,7 +46,7 @@ class Lockstep:
         self._current: int | None = None
         self._stopping = False
 
-    def __enter__(self) -> "Lockstep":
+    def __enter__(self) -> Lockstep:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -4,6 +4,7 @@ Everything here is small enough that the whole suite runs in a few minutes on 2 
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -156,3 +157,29 @@ def cli_sandbox(tmp_path, monkeypatch, optin_cache) -> Path:
     monkeypatch.setattr(optin.recipe, "throughput",
                         lambda runs, examples, **kw: throughput(runs, examples, warmup=0, repeats=1, min_seconds=0.0))
     return tmp_path
+
+
+def check_old_compare_folders(args: list[str], folder: Path, setting: str, old: list[str], more: list[str]) -> None:
+    """An ``optin compare`` folder journalled before ``setting`` existed (made with the flags ``old``) resumes
+    with ``old`` (and ``more``: flags that add cells), and is refused with the new default, naming the setting."""
+    from click.testing import CliRunner
+
+    from optin.cli import cli
+
+    assert CliRunner().invoke(cli, [*args, *old]).exit_code == 0
+    path = folder / "cells.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        r.pop(setting, None)  # as journalled before the setting existed
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    res = CliRunner().invoke(cli, [*args, *more, *old])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    res = CliRunner().invoke(cli, args)  # the default: not what the old cells were made with
+    assert res.exit_code == 2 and setting in res.output
+
+
+def one_error_line(res, mentions: str) -> None:
+    """A CLI result that failed with exit code 2 and one line, ``Error: ...``, naming ``mentions``."""
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and mentions in lines[0], res.output

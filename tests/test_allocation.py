@@ -9,16 +9,23 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import (
+    check_old_compare_folders,
+    make_batch,
+    make_tiny_bert,
+    one_error_line,
+    save_tiny_bert,
+    write_reviews,
+)
+from optin_plugins.adapters.bert import BertAdapter
+from tiny_models import ADAPTERS, mmseg_unavailable, tiny
 
 import optin
 import optin.compare
-from conftest import make_batch, make_tiny_bert, save_tiny_bert, write_reviews
 from optin import allocation
 from optin.cli import cli
 from optin.errors import OptinError
 from optin.units import kept_counts
-from optin_plugins.adapters.bert import BertAdapter
-from tiny_models import ADAPTERS, mmseg_unavailable, tiny
 
 
 def _scores(counts: dict[str, list[int]], seed: int = 0, starve: int | None = None) -> dict:
@@ -207,21 +214,10 @@ def test_a_folder_from_before_the_setting_resumes_only_with_the_allocation_it_wa
     args = ["compare", "--model", workspace["model"], "--data", workspace["data"], "--scorers", "magnitude",
             "--budgets", "0.6", "--calib-size", "16", "--eval-size", "16", "--output", str(folder), "--quiet",
             "--no-speed"]
-    assert CliRunner().invoke(cli, [*args, "--allocation", "scores"]).exit_code == 0
-    path = folder / "cells.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in records:
-        r.pop("allocation", None)  # as journalled before the setting existed
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    res = CliRunner().invoke(cli, [*args, "--budgets", "0.6", "0.9", "--allocation", "scores"])
-    assert res.exit_code == 0, res.output + repr(res.exception)
-    res = CliRunner().invoke(cli, args)  # the default, evaluate: not what the old cells were made with
-    assert res.exit_code == 2 and "allocation" in res.output
+    check_old_compare_folders(args, folder, "allocation", ["--allocation", "scores"], ["--budgets", "0.6", "0.9"])
 
 
 @pytest.mark.parametrize("value", ["often", "1.5"])
 def test_a_bad_allocation_on_the_command_line_is_one_error_line(value, cli_sandbox):
-    res = CliRunner().invoke(cli, ["run", "--allocation", value, "--output", str(cli_sandbox / "x")])
-    assert res.exit_code == 2
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:") and "--allocation" in lines[0]
+    one_error_line(CliRunner().invoke(cli, ["run", "--allocation", value, "--output", str(cli_sandbox / "x")]),
+                   "--allocation")

@@ -69,10 +69,9 @@ def test_an_error_in_a_call_reaches_the_driver_and_close_ends_the_others():
         raise ValueError("bad input")
 
     steps = Lockstep([fine, broken, fine])
-    with pytest.raises(ValueError, match="bad input"):
-        with steps:
-            assert steps.advance(0) == "here"
-            steps.advance(1)
+    with pytest.raises(ValueError, match="bad input"), steps:
+        assert steps.advance(0) == "here"
+        steps.advance(1)
     assert len(ended) == 1  # the paused call was stopped at its pause; the third never started
     assert not any(steps._calls)  # no call is left paused
 

@@ -7,15 +7,16 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import check_old_compare_folders, one_error_line
+from optin_plugins.adapters.cnn_common import save_cnn_folder
+from optin_plugins.adapters.vgg import cifar_vgg16_bn
+from test_model_sources import image_folder
+from tiny_models import make_cnn, tiny
 
 import optin
 from optin import recovery
 from optin.cli import cli
 from optin.errors import OptinError
-from optin_plugins.adapters.cnn_common import save_cnn_folder
-from optin_plugins.adapters.vgg import cifar_vgg16_bn
-from test_model_sources import image_folder
-from tiny_models import make_cnn, tiny
 
 
 def test_examples_for_rows_is_the_most_any_layer_needs():
@@ -117,21 +118,11 @@ def test_a_compare_folder_from_before_the_setting_resumes_only_with_the_calibrat
     args = ["compare", "--model", cnn_folder["model"], "--data", cnn_folder["data"], "--scorers", "magnitude",
             "--budgets", "0.8", "--calib-size", "8", "--eval-size", "8", "--output", str(folder), "--quiet",
             "--no-speed", "--allocation", "scores"]
-    assert CliRunner().invoke(cli, [*args, "--recover-size", "calibration"]).exit_code == 0
-    path = folder / "cells.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in records:
-        r.pop("recover_size", None)  # as journalled before the setting existed
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    res = CliRunner().invoke(cli, [*args, "--recover-size", "calibration", "--budgets", "0.8", "0.9"])
-    assert res.exit_code == 0, res.output + repr(res.exception)
-    res = CliRunner().invoke(cli, args)  # the default, auto: not what the old cells were made with
-    assert res.exit_code == 2 and "recover_size" in res.output
+    check_old_compare_folders(args, folder, "recover_size", ["--recover-size", "calibration"],
+                              ["--budgets", "0.8", "0.9"])
 
 
 @pytest.mark.parametrize("value", ["0", "lots"])
 def test_a_bad_recover_size_on_the_command_line_is_one_error_line(value, cli_sandbox):
-    res = CliRunner().invoke(cli, ["run", "--recover-size", value, "--output", str(cli_sandbox / "x")])
-    assert res.exit_code == 2
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:") and "--recover-size" in lines[0]
+    one_error_line(CliRunner().invoke(cli, ["run", "--recover-size", value, "--output", str(cli_sandbox / "x")]),
+                   "--recover-size")
