@@ -277,3 +277,22 @@ def test_cnn_folders_use_their_mean_std_and_size(tmp_path):
     x = load_model(str(tmp_path / "vgg")).image_transform()(Image.new("RGB", (56, 56), (255, 255, 255)))
     assert x.shape == (1, 28, 28)
     torch.testing.assert_close(x, torch.full((1, 28, 28), (1 - 0.3) / 0.4))
+
+
+def test_a_mobilenet_folder_takes_rgb_images_though_its_first_unit_convolution_reads_more_channels(tmp_path):
+    """MobileNetV2's channels with units start after the stem (16+ channels in): the images it takes have the
+    stem's 3 channels. (The named mobilenetv2-imagenet failed on its photos before this was read from the stem.)"""
+    from optin_plugins.adapters.cnn_common import save_cnn_folder
+    from tiny_models import make_cnn
+
+    ad, _ = make_cnn("mobilenet")
+    assert ad.layers[0].conv.in_channels != 3
+    save_cnn_folder(ad.model, tmp_path / "mob", {"architecture": "mobilenet_v2", "image_size": 64,
+                                                  "args": {"num_classes": 6, "width_mult": 0.35, "dropout": 0.2},
+                                                  "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    loaded = load_model(str(tmp_path / "mob"))
+    x = loaded.image_transform()(Image.new("L", (80, 80), 255))
+    assert x.shape == (3, 64, 64)
+    torch.testing.assert_close(x, torch.full((3, 64, 64), (1 - 0.5) / 0.25))
+    with torch.no_grad():
+        assert loaded.logits({"pixel_values": x[None]}).shape == (1, 6)

@@ -250,7 +250,12 @@ class ConvChannelAdapter(HookedAdapter):
         from .image_io import resize_normalize
 
         stats = self.processor if isinstance(self.processor, dict) else {}
-        return resize_normalize(self.hw(), stats.get("mean"), stats.get("std"), int(self.layers[0].conv.in_channels))
+        return resize_normalize(self.hw(), stats.get("mean"), stats.get("std"), self.image_channels())
+
+    def image_channels(self) -> int:
+        """The channels an input image has: those of the model's first convolution (its stem; the first
+        convolution with units can come later, as in MobileNetV2)."""
+        return int(next(m for m in self.model.modules() if isinstance(m, nn.Conv2d)).in_channels)
 
     def logits(self, batch: Batch) -> torch.Tensor:
         return self.model(self._see(batch))
