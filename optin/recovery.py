@@ -13,10 +13,14 @@ Any searcher's masks pass through these steps (``--recover``), in this order:
 - ``reconstruct`` (beyond PTF, DESIGN.md 3.9): the reading layer's weights for its kept inputs and its bias
   are refit in closed form, ``min ||X_k W'^T + b' - Y||^2 + lam ||W' - W_k||^2``, X_k the kept units'
   activations computed through the already-recovered earlier layers, Y the unpruned layer's output; lam
-  is chosen by fitting on the even calibration rows and scoring on the odd ones, then the fit uses all. A reading
-  layer that loses every input keeps only its bias, set to the mean output (FLAP's bias compensation).
+  is chosen on a grid by fitting on the rows of the even calibration examples and scoring on those of the
+  odd ones (walking downhill from the grid's middle), then the fit uses all rows. Whole examples, not
+  alternate rows: neighbouring tokens or positions of one example are alike, and a ridge judged on them
+  chose too little regularisation (docs/benchmarks.md). A reading layer that loses every input
+  keeps only its bias, set to the mean output (FLAP's bias compensation).
 
-Layers are recovered in the order the forward reaches them. The reading layer of a unit kind is
+Layers are recovered in the order the forward reaches them, in one pass over the calibration examples
+(``optin.lockstep``); ``recovery_size`` says how many examples a refit should see (``--recover-size``). The reading layer of a unit kind is
 ``Adapter.unit_reader``: the Linear or Conv2d whose input holds the units (attention output projection for
 heads, FFN output projection for neurons, the next convolution for CNN channels). Everything here changes
 weights of the unpruned model in place, consistently with the masks, so removing the units afterwards
@@ -51,6 +55,9 @@ RIDGE_START = 3
 PASS = 16  # examples per forward when gathering a layer's statistics (a convolution's patches grow with maps)
 ROWS_PER_COLUMN = 2  # --recover-size auto: design rows per fitted column wanted in every reading layer
 MAX_RECOVER_EXAMPLES = 2048  # --recover-size auto draws at most this many examples
+# --recover-size auto draws no more examples than keep the activations the paused micro-batch forwards hold
+# (``optin.lockstep``: every example's input and output of one reading layer, in both models) under this
+RECOVER_MEMORY = 2 * 2 ** 30
 
 
 def _parts(text: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -207,6 +214,7 @@ class Reader:
     kept: torch.Tensor  # (n,) bool over the units
     columns_per_unit: int  # input columns of ``module`` per unit (unit_size, or unit_size x kernel for convs)
     rows_per_example: float = 0.0  # design rows one example gives (tokens, or a convolution's output positions)
+    bytes_per_example: float = 0.0  # the layer's input and output for one example (what a paused forward holds)
 
     def columns(self) -> torch.Tensor:
         """The module's input columns owned by the kept units."""
@@ -231,12 +239,14 @@ def readers(adapter: Adapter, masks: UnitTensors, batch: Batch, rows: bool = Tru
             found.append((kind, layer, site))
     order: list[nn.Module] = []
     counted: dict[int, int] = {}
+    held: dict[int, int] = {}
     valid: list[torch.Tensor | None] = [None]
 
     def seen(m: nn.Module, a: tuple, o: torch.Tensor) -> None:
         if not any(m is x for x in order):
             order.append(m)
         counted[id(m)] = counted.get(id(m), 0) + output_rows(m, o, valid[0]).shape[0]
+        held[id(m)] = held.get(id(m), 0) + a[0].numel() * a[0].element_size() + o.numel() * o.element_size()
 
     modules = {id(site.module): site.module for _, _, site in found}
     micro = adapter.split(batch, PASS)
@@ -252,13 +262,13 @@ def readers(adapter: Adapter, masks: UnitTensors, batch: Batch, rows: bool = Tru
         module = site.module
         kernel = module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
         out.append(Reader(kind, layer, module, site.unit_size, masks[kind][layer] > 0, site.unit_size * kernel,
-                          counted.get(id(module), 0) / examples))
+                          counted.get(id(module), 0) / examples, held.get(id(module), 0) / examples))
     return out
 
 
 # --- how many examples recovery uses -----------------------------------------------------------------
 def parse_recover_size(value: str | int | None) -> str | int:
-    """``"auto"`` (``RECOVER_SIZES``), ``"calibration"`` (the calibration sample only) or a number of examples."""
+    """``"auto"`` (see ``recovery_size``), ``"calibration"`` (the calibration sample only) or a number of examples."""
     if value is None:
         return "auto"
     if isinstance(value, str) and value.strip().lower() in ("auto", "calibration"):
@@ -282,7 +292,8 @@ def examples_for_rows(columns: list[int], rows_per_example: list[float], ratio: 
 def recovery_size(adapter: Adapter, masks: UnitTensors, batches: list[Batch], setting: str | int) -> tuple[int, str]:
     """How many examples recovery should use in all, and why: the calibration sample (``"calibration"``), a
     given number, or (``"auto"``) enough for ``ROWS_PER_COLUMN`` rows per fitted column in every reading layer
-    (never fewer than the calibration sample, at most ``MAX_RECOVER_EXAMPLES``). A least-squares refit with
+    (never fewer than the calibration sample, at most ``MAX_RECOVER_EXAMPLES``, and no more than keep the
+    activations the lockstep's paused forwards hold under ``RECOVER_MEMORY``). A least-squares refit with
     fewer rows than columns is underdetermined; the ridge is chosen on one half of the rows and checked on the
     other, so each half should be as large as the columns. Text and ViT layers see a row per token and have
     enough; a CNN's last convolutions on small maps see a few positions per image and may not."""
@@ -296,9 +307,14 @@ def recovery_size(adapter: Adapter, masks: UnitTensors, batches: list[Batch], se
     need = examples_for_rows([int(r.columns().numel()) for r in todo], [r.rows_per_example for r in todo])
     if need <= have:
         return have, f"the calibration sample gives every reading layer {ROWS_PER_COLUMN} rows per column"
-    want = min(need, MAX_RECOVER_EXAMPLES)
-    return max(have, want), (f"{ROWS_PER_COLUMN} rows per fitted column in every reading layer need {need} examples"
-                             + (f", at most {MAX_RECOVER_EXAMPLES}" if need > want else ""))
+    held = 2 * max(r.bytes_per_example for r in todo)  # both models' forwards wait at a layer with these
+    fits = int(RECOVER_MEMORY // held) if held > 0 else need
+    want = min(need, MAX_RECOVER_EXAMPLES, fits)
+    why = f"{ROWS_PER_COLUMN} rows per fitted column in every reading layer need {need} examples"
+    if want < need:
+        why += f", at most {MAX_RECOVER_EXAMPLES}" if want == MAX_RECOVER_EXAMPLES else \
+            f"; {want} keep the paused forwards' activations under {RECOVER_MEMORY / 2 ** 30:g} GiB"
+    return max(have, want), why
 
 
 def _weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -388,6 +404,7 @@ def _refit_in_one_pass(adapter: Adapter, original: Adapter, todo: list[Reader], 
     algorithm at the cost of two forward passes, with one layer's statistics in memory at a time."""
     micro = [mb for b in batches for mb in adapter.split(b, PASS)]
     valid = [adapter.valid_tokens(mb) for mb in micro]
+    examples = sum(adapter.batch_size(mb) for mb in micro)
     twins = [_twin(original, adapter, r.module) for r in todo]
     calls = [lambda mb=mb: original.logits(mb) for mb in micro] + [lambda mb=mb: adapter.logits(mb) for mb in micro]
     records: list[dict] = []
@@ -397,12 +414,15 @@ def _refit_in_one_pass(adapter: Adapter, original: Adapter, todo: list[Reader], 
                   for i, r in enumerate(todo)]
         with removing(hooks):
             for i, r in enumerate(todo):
-                cols, halves = r.columns(), [None, None]
+                cols, halves, seen = r.columns(), [None, None], 0
                 for b in range(len(micro)):
                     y = _reached(steps.advance(b), i, adapter)
                     x = _reached(steps.advance(len(micro) + b), i, adapter)
-                    halves = _accumulate(halves, design_rows(r.module, x, valid[b]).cpu()[:, cols],
-                                         output_rows(r.module, y, valid[b]).cpu())
+                    rows = design_rows(r.module, x, valid[b]).cpu()[:, cols]
+                    n = adapter.batch_size(micro[b])
+                    halves = _accumulate(halves, rows, output_rows(r.module, y, valid[b]).cpu(),
+                                         (seen + row_examples(rows.shape[0], n, valid[b])) % 2 if examples > 1 else None)
+                    seen += n
                 records.append(_solve(r, halves, how))
                 advance(1)
     return records
@@ -417,12 +437,25 @@ def _reached(value: object, i: int, adapter: Adapter) -> torch.Tensor:
     return value[1]  # type: ignore[index]
 
 
-def _accumulate(halves: list, x: torch.Tensor, y: torch.Tensor, chunk: int = 16384) -> list:
-    """Add the statistics of the even and of the odd rows of (x, y) to ``halves`` (in place, float64, in row
-    chunks): per half, the Gram of the design with a column of ones appended, its cross product with the
-    targets, and the sum of the squared targets."""
+def row_examples(rows: int, batch_size: int, valid: torch.Tensor | None) -> torch.Tensor:
+    """The example each design row comes from (rows are example-major: a text's real tokens, an image's
+    positions); each row its own example when the count does not say."""
+    if valid is not None and int(valid.sum()) == rows:
+        return torch.repeat_interleave(torch.arange(valid.shape[0]), valid.sum(1).cpu())
+    if batch_size and rows % batch_size == 0:
+        return torch.arange(batch_size).repeat_interleave(rows // batch_size)
+    return torch.arange(rows)
+
+
+def _accumulate(halves: list, x: torch.Tensor, y: torch.Tensor, half: torch.Tensor | None = None,
+                chunk: int = 16384) -> list:
+    """Add the statistics of the rows of (x, y) to ``halves`` (in place, float64, in row chunks), split by
+    ``half`` (0 or 1 per row: the parity of its example, so that the ridge is judged on other examples, not
+    on neighbouring positions of the same ones) or, without it, into even and odd rows: per half, the Gram
+    of the design with a column of ones appended, its cross product with the targets, and the sum of the
+    squared targets."""
     for i in (0, 1):
-        xs, ys = x[i::2], y[i::2]
+        xs, ys = (x[i::2], y[i::2]) if half is None else (x[half == i], y[half == i])
         for at in range(0, xs.shape[0], chunk):
             xd, yd = xs[at:at + chunk].double(), ys[at:at + chunk].double()
             x1 = torch.cat([xd, torch.ones(xd.shape[0], 1, dtype=xd.dtype, device=xd.device)], 1)

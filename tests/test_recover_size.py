@@ -126,3 +126,20 @@ def test_a_compare_folder_from_before_the_setting_resumes_only_with_the_calibrat
 def test_a_bad_recover_size_on_the_command_line_is_one_error_line(value, cli_sandbox):
     one_error_line(CliRunner().invoke(cli, ["run", "--recover-size", value, "--output", str(cli_sandbox / "x")]),
                    "--recover-size")
+
+
+def test_auto_draws_no_more_than_the_paused_forwards_can_hold(monkeypatch):
+    """torchvision's VGG layout reads the last convolution's channels with a Linear over its 7x7 map: 49 columns
+    a channel, one row an image, so the rule asks for hundreds of images; the memory the paused forwards
+    would hold caps it (and never below the calibration sample)."""
+    ad, batch = make_cnn("vgg-imagenet")
+    masks = _random_masks(ad)
+    todo = recovery.readers(ad, masks, batch)
+    held = 2 * max(r.bytes_per_example for r in todo)
+    assert held > 0 and todo[-1].rows_per_example == 1 and todo[-1].columns_per_unit == 49
+    free, _ = recovery.recovery_size(ad, masks, [batch], "auto")
+    monkeypatch.setattr(recovery, "RECOVER_MEMORY", 10 * held)
+    capped, why = recovery.recovery_size(ad, masks, [batch], "auto")
+    assert free > 10 and capped == 10 and "GiB" in why
+    monkeypatch.setattr(recovery, "RECOVER_MEMORY", held)
+    assert recovery.recovery_size(ad, masks, [batch], "auto")[0] == 4  # the calibration sample, not fewer

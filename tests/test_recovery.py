@@ -153,7 +153,7 @@ def _seen(adapter, batch, module, output: bool) -> torch.Tensor:
 def test_one_pass_equals_layer_by_layer(name, monkeypatch):
     """The sample runs once, by micro-batches (length-trimmed for text) that all stop at each reading layer
     while it is refit; the result equals refitting the layers one after the other, each from forwards of
-    every micro-batch up to it through the layers refit before it."""
+    every micro-batch up to it through the layers refit before it (the ridge judged on the odd examples)."""
     monkeypatch.setattr(recovery, "PASS", 2)  # several micro-batches
     t = tiny(name)
     scores = optin.score(t.adapter, [t.batch], "random", seed=3)
@@ -168,12 +168,14 @@ def test_one_pass_equals_layer_by_layer(name, monkeypatch):
     with layered.masked(masks):
         todo = recovery.readers(layered, masks, t.batch)
         for r in todo:
-            halves = [None, None]
+            halves, seen = [None, None], 0
             for mb in micro:
                 valid = layered.valid_tokens(mb)
                 x = recovery.design_rows(r.module, _seen(layered, mb, r.module, False), valid)[:, r.columns()]
                 y = recovery.output_rows(r.module, _seen(t.adapter, mb, originals[names[id(r.module)]], True), valid)
-                halves = recovery._accumulate(halves, x.double(), y.double())
+                half = (seen + recovery.row_examples(x.shape[0], layered.batch_size(mb), valid)) % 2
+                halves = recovery._accumulate(halves, x.double(), y.double(), half)
+                seen += layered.batch_size(mb)
             recovery._solve(r, halves, "reconstruct")
     assert len(info["layers"]) == len(todo)
     for (pname, a), (_, b) in zip(one.model.named_parameters(), layered.model.named_parameters()):
@@ -227,3 +229,10 @@ def test_the_ridge_residual_without_the_gram_equals_the_one_with_it():
         direct = float((x @ w.T - y).pow(2).sum())
         assert recovery.ridge_residual(cross, ysq, w, w0, lam) == pytest.approx(direct, rel=1e-9)
         assert recovery._residual(gram, cross, ysq, w) == pytest.approx(direct, rel=1e-9)
+
+
+def test_rows_know_their_example():
+    valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    assert recovery.row_examples(6, 3, valid).tolist() == [0, 0, 0, 1, 2, 2]  # real tokens only
+    assert recovery.row_examples(6, 3, None).tolist() == [0, 0, 1, 1, 2, 2]  # a convolution's positions
+    assert recovery.row_examples(5, 3, None).tolist() == [0, 1, 2, 3, 4]  # no pattern: each row its own
