@@ -18,7 +18,7 @@ from .errors import OptinError
 from .hooks import broken, conflicts, plugin_manager
 from .models import named_models
 from .progress import set_quiet
-from .recovery import DEFAULT_RECOVER
+from .recovery import DEFAULT_RECOVER, DEFAULT_RECOVER_SIZE
 from .tasks import known_tasks
 
 DEFAULT_MODEL = "minilm-trec"
@@ -225,7 +225,7 @@ def prune_options(fn):
                           "evaluate (try blends toward the cost model's allocation and keep the one whose pruned "
                           "model stays closest to the unpruned one on held-out calibration examples), or a fixed "
                           "blend in [0, 1]."),
-        click.option("--recover-size", default="auto", show_default=True, metavar="N",
+        click.option("--recover-size", default=DEFAULT_RECOVER_SIZE, show_default=True, metavar="N",
                      help="Examples the recovery fits on: auto (the calibration sample, plus more training examples "
                           "where a layer would get fewer than 2 rows per fitted column, e.g. a CNN's last "
                           "convolutions on small maps; at most 2048), calibration (the calibration sample only), or "
@@ -577,7 +577,7 @@ def _compare_table(result: dict) -> Table:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--allocation", default=DEFAULT_ALLOCATION, show_default=True, metavar="HOW",
               help="How many units each layer keeps, for every cell, as `optin run --allocation` takes it.")
-@click.option("--recover-size", default="auto", show_default=True, metavar="N",
+@click.option("--recover-size", default=DEFAULT_RECOVER_SIZE, show_default=True, metavar="N",
               help="Examples the recovery fits on, for every cell, as `optin run --recover-size` takes it.")
 @click.option("--allow-degenerate", is_flag=True,
               help="Accept pruned models that lose every unit of a layer or of a kind (refused without it).")

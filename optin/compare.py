@@ -41,7 +41,7 @@ from .measure import metric_of_examples, params, per_example, timings
 from .outputs import lock_path
 from .progress import bar, say
 from .rankings import Scores, fingerprint
-from .recovery import DEFAULT_RECOVER, parse_recover_size
+from .recovery import DEFAULT_RECOVER, DEFAULT_RECOVER_SIZE, parse_recover_size
 from .recipe import (Plugins, RunConfig, apply_stage, batches_of, calibration_stage, check_budget, choose_plugins,
                      load_stage, make_scorer, more_calibration, require_tokens, score, search_stage, token_stage)
 from .tasks import Task, sample
@@ -85,7 +85,7 @@ class CompareConfig:
     dtype: str = "float32"
     recalibrate: bool = True
     allocation: str | float = DEFAULT_ALLOCATION  # units per layer, as `optin run --allocation` (every cell)
-    recover_size: str | int = "auto"  # examples recovery uses, as `optin run --recover-size` (every cell)
+    recover_size: str | int = DEFAULT_RECOVER_SIZE  # examples recovery uses, as `optin run --recover-size` (every cell)
     allow_degenerate: bool = False
     speed: bool = True  # time every pruned model of the first seed against the unpruned one
     speed_warmup: int = 3

@@ -52,13 +52,8 @@ class Lockstep:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __len__(self) -> int:
-        return len(self._calls)
-
     def _wrap(self, call: Callable[[], Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            if self._stopping:
-                return self.FINISHED
+        def run() -> Any:  # started only by ``advance``, never once closing began
             try:
                 call()
             except Stopped:

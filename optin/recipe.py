@@ -31,7 +31,7 @@ from .measure import evaluate, params, throughput
 from .outputs import MODEL, PARTIAL, REPORT, SCORES, OutputFolder
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
-from .recovery import DEFAULT_RECOVER, parse_recover_size, parse_steps, recover as recover_masks, recovery_size, steps_for
+from .recovery import DEFAULT_RECOVER, DEFAULT_RECOVER_SIZE, parse_recover_size, parse_steps, recover as recover_masks, recovery_size, steps_for
 from .rankings import Checkpoint, Scores, check_unit_tensors, fingerprint
 from .tasks import Task, file_task, get_task, known_tasks, sample
 from .units import CostModel, UnitTensors, counts_of, kept_counts
@@ -391,7 +391,7 @@ class RunConfig:
     dtype: str = "float32"
     recover: str = DEFAULT_RECOVER  # recovery after the search: auto, none, ptf, or rearrange/tune/reconstruct (comma-separated)
     allocation: str | float = DEFAULT_ALLOCATION  # units per layer: scores, evaluate, or a blend in [0, 1]
-    recover_size: str | int = "auto"  # examples recovery uses: auto, calibration, or a number (recovery.recovery_size)
+    recover_size: str | int = DEFAULT_RECOVER_SIZE  # examples recovery uses: auto, calibration, or a number (recovery.recovery_size)
 
     def checked(self) -> "RunConfig":
         """A copy with the budget and sizes validated (the only place a run checks them)."""
@@ -466,8 +466,12 @@ def load_stage(cfg: RunConfig) -> tuple[Adapter, Task]:
 
 def calibration_stage(ad: Adapter, task: Task, cfg: RunConfig) -> list[Batch]:
     """One batch of ``calib_size`` training examples drawn with the run's seed."""
-    return batches_of(ad, sample(task.examples("train"), cfg.calib_size, cfg.seed), cfg.calib_size, cfg.device,
-                      cfg.dtype)
+    return batches_of(ad, _calibration_examples(task.examples("train"), cfg), cfg.calib_size, cfg.device, cfg.dtype)
+
+
+def _calibration_examples(pool: list, cfg: RunConfig) -> list:
+    """Which of the training examples ``pool`` are the run's calibration sample."""
+    return sample(pool, cfg.calib_size, cfg.seed)
 
 
 def more_calibration(ad: Adapter, task: Task, cfg: RunConfig) -> Callable[[int], list[Batch]]:
@@ -475,7 +479,7 @@ def more_calibration(ad: Adapter, task: Task, cfg: RunConfig) -> Callable[[int],
     run's seed (in batches of ``calib_size``): what recovery adds when the calibration sample is too small."""
     def more(n: int) -> list[Batch]:
         pool = task.examples("train")
-        taken = {id(e) for e in sample(pool, cfg.calib_size, cfg.seed)}
+        taken = {id(e) for e in _calibration_examples(pool, cfg)}
         rest = [e for e in pool if id(e) not in taken]
         return batches_of(ad, sample(rest, n, cfg.seed), cfg.calib_size, cfg.device, cfg.dtype)
     return more

@@ -54,6 +54,7 @@ RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of
 RIDGE_START = 3
 PASS = 16  # examples per forward when gathering a layer's statistics (a convolution's patches grow with maps)
 ROWS_PER_COLUMN = 2  # --recover-size auto: design rows per fitted column wanted in every reading layer
+DEFAULT_RECOVER_SIZE = "auto"  # --recover-size: the rows-per-column rule of ``recovery_size``
 MAX_RECOVER_EXAMPLES = 2048  # --recover-size auto draws at most this many examples
 # --recover-size auto draws no more examples than keep the activations the paused micro-batch forwards hold
 # (``optin.lockstep``: every example's input and output of one reading layer, in both models) under this
@@ -270,7 +271,7 @@ def readers(adapter: Adapter, masks: UnitTensors, batch: Batch, rows: bool = Tru
 def parse_recover_size(value: str | int | None) -> str | int:
     """``"auto"`` (see ``recovery_size``), ``"calibration"`` (the calibration sample only) or a number of examples."""
     if value is None:
-        return "auto"
+        return DEFAULT_RECOVER_SIZE
     if isinstance(value, str) and value.strip().lower() in ("auto", "calibration"):
         return value.strip().lower()
     try:

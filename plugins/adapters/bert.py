@@ -325,7 +325,15 @@ class BertAdapter(HookedAdapter):
         groups = self._length_groups(inputs["attention_mask"], self.chunk_size)
         if groups is None:
             return [(torch.arange(inputs["attention_mask"].shape[0]), inputs)]
-        return [(idx, {k: (v[idx][:, :t] if v.dim() == 2 else v[idx]) for k, v in inputs.items()}) for idx, t in groups]
+        return [(idx, self._take(inputs, inputs["attention_mask"], idx, t)) for idx, t in groups]
+
+    @staticmethod
+    def _take(batch: Batch, mask: torch.Tensor, idx: torch.Tensor, t: int) -> Batch:
+        """Examples ``idx`` of ``batch``, the per-token tensors (shaped like ``mask``) cut to ``t`` positions."""
+        n, t_all = mask.shape
+        return {k: (v[idx][:, :t] if torch.is_tensor(v) and v.dim() == 2 and tuple(v.shape) == (n, t_all)
+                    else v[idx] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v)
+                for k, v in batch.items()}
 
     def split(self, batch: Batch, size: int) -> list[Batch]:
         """Micro-batches of similar length, each trimmed to its own longest text (no value changes; the
@@ -334,10 +342,7 @@ class BertAdapter(HookedAdapter):
         groups = None if mask is None else self._length_groups(mask, size)
         if groups is None:
             return super().split(batch, size)
-        n, t_all = mask.shape
-        return [{k: (v[idx][:, :t] if torch.is_tensor(v) and v.dim() == 2 and tuple(v.shape) == (n, t_all)
-                     else v[idx] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v)
-                 for k, v in batch.items()} for idx, t in groups]
+        return [self._take(batch, mask, idx, t) for idx, t in groups]
 
     def forward_embeddings(self, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every block's FFN output in the padded layout of ``trace`` and the logits, with autograd on, run
