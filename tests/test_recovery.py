@@ -236,3 +236,17 @@ def test_rows_know_their_example():
     assert recovery.row_examples(6, 3, valid).tolist() == [0, 0, 0, 1, 2, 2]  # real tokens only
     assert recovery.row_examples(6, 3, None).tolist() == [0, 0, 1, 1, 2, 2]  # a convolution's positions
     assert recovery.row_examples(5, 3, None).tolist() == [0, 1, 2, 3, 4]  # no pattern: each row its own
+
+
+def test_a_forward_that_skips_or_repeats_a_reading_layer_is_one_clear_error():
+    """Recovery needs each reading layer once per forward, in one order; an adapter whose forward ends early or
+    reaches another reading layer first gets an OptinError saying so (not a hang or a wrong fit)."""
+    from optin.lockstep import Lockstep
+
+    t = tiny("bert")
+    x = torch.zeros(2, 3)
+    assert recovery._reached((1, x), 1, t.adapter) is x
+    with pytest.raises(OptinError, match="ended where reading layer 2 .* was due.*once per forward"):
+        recovery._reached(Lockstep.FINISHED, 2, t.adapter)
+    with pytest.raises(OptinError, match="reached reading layer 0 where reading layer 1"):
+        recovery._reached((0, x), 1, t.adapter)
