@@ -18,6 +18,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 console = Console(stderr=True)
 _quiet = False
+_active: Progress | None = None  # the display a terminal bar is drawn in, while one is
 PLAIN_EVERY = 30.0  # seconds between plain progress lines (at least one per tenth of the work)
 
 
@@ -85,12 +86,25 @@ def bar(description: str, total: int | None = None) -> Iterator[tuple[Callable[[
         yield plain.advance, plain.set_total
         plain.finish()
         return
+    global _active
+    if _active is not None:  # a step inside a step: one more line in the display already shown
+        progress = _active
+        task = progress.add_task(description, total=total)
+        try:
+            yield (lambda n=1: progress.advance(task, n)), (lambda n: progress.update(task, total=n))
+        finally:
+            progress.remove_task(task)
+        return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                         console=console, transient=False)
     with progress:
         task = progress.add_task(description, total=total)
-        yield (lambda n=1: progress.advance(task, n)), (lambda n: progress.update(task, total=n))
+        _active = progress
+        try:
+            yield (lambda n=1: progress.advance(task, n)), (lambda n: progress.update(task, total=n))
+        finally:
+            _active = None
 
 
 def say(message: str) -> None:
