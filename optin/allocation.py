@@ -20,9 +20,12 @@ moves only the allocation, from the scorer's (0) to the cost model's (1).
 recovery, removal and recalibration) to a copy of the model fitted on one half of the calibration
 examples, and keeps the candidate whose outputs stay closest to the unpruned model's on the other half
 (mean KL divergence of the predictive distributions): a search over allocations judged on held-out data,
-not on the scores' promise. A blend further from the scores' own allocation is kept only when it is
-clearly closer (by more than ``MARGIN``), since a few dozen held-out examples measure the divergence
-with noise.
+not on the scores' promise. After the blends it tries the *measured* allocation (``optin.measured``: each
+layer's scores rescaled by what masking its lowest units costs the output, on the fitting half), which can
+reach allocations no blend does (trajectory on m2f-mosaic keeps too little of the last layers, and the
+cost model's allocation keeps even less). A candidate later in ``CANDIDATES`` than another is kept only
+when it is clearly closer (by more than ``MARGIN``), since a few dozen held-out examples measure the
+divergence with noise.
 """
 from __future__ import annotations
 
@@ -32,25 +35,29 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .contracts import Adapter, Batch
 from .errors import OptinError
 from .gradients import micro_batches
+from .measured import mean_divergence
 from .recovery import recover
 from .scales import to_common_scale
 from .units import CostModel, UnitTensors, kept_counts
 
 BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the alphas ``evaluate`` tries
+MEASURED = "measured"
+CANDIDATES: tuple[float | str, ...] = (*BLENDS, MEASURED)  # what ``evaluate`` tries, in order of preference
+EVALUATE_BLENDS = "evaluate-blends"  # ``evaluate`` without the measured candidate (as before 2026-11-30's change)
 # How much closer (relative divergence) a larger blend must be to be kept over a smaller one. Chosen on
 # 2026-11-30 after the four models of docs/benchmarks.md: without it, m2f-mosaic lost 3.8 points at 0.7.
 MARGIN = 0.05
-NAMES = ("scores", "evaluate")
+NAMES = ("scores", "evaluate", EVALUATE_BLENDS, MEASURED)
 DEFAULT_ALLOCATION = "evaluate"  # helped on vgg-fmnist and vit-fmnist, tied on minilm-trec (docs/benchmarks.md)
 
 
 def parse_allocation(value: str | float | None) -> str | float:
-    """``"scores"`` (alpha 0), ``"evaluate"``, or a fixed alpha in [0, 1] (given as a number or its text)."""
+    """``"scores"`` (alpha 0), ``"evaluate"``, ``"evaluate-blends"``, ``"measured"``, or a fixed alpha in [0, 1]
+    (given as a number or its text)."""
     if value is None:
         return DEFAULT_ALLOCATION
     if isinstance(value, str) and value.strip().lower() in NAMES:
@@ -60,9 +67,14 @@ def parse_allocation(value: str | float | None) -> str | float:
     except (TypeError, ValueError):
         alpha = math.nan
     if isinstance(value, bool) or not 0.0 <= alpha <= 1.0:
-        raise OptinError(f"--allocation must be 'scores', 'evaluate' or a blend in [0, 1] (0: the scores' own "
-                         f"allocation of units to layers, 1: the cost model's), got {value!r}")
+        raise OptinError(f"--allocation must be 'scores', 'evaluate', 'evaluate-blends', 'measured' or a blend in "
+                         f"[0, 1] (0: the scores' own allocation of units to layers, 1: the cost model's), got {value!r}")
     return alpha
+
+
+def candidates_for(how: str | float) -> tuple[float | str, ...] | None:
+    """The candidates an allocation setting tries (``None`` for a fixed one): what a comparison folder records."""
+    return CANDIDATES if how == "evaluate" else BLENDS if how == EVALUATE_BLENDS else None
 
 
 def layer_quantiles(values: UnitTensors) -> UnitTensors:
@@ -116,17 +128,9 @@ def split_for_trial(batches: list[Batch], size_of: Callable[[Batch], int]) -> tu
     return [fit], [check]
 
 
-def divergence(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean KL(reference || candidate) of the predictive distributions over dim 1 (classes; any further
-    dims, e.g. pixels, are averaged too)."""
-    ref = F.log_softmax(reference.double(), dim=1)
-    got = F.log_softmax(logits.double(), dim=1)
-    return float((ref.exp() * (ref - got)).sum(1).mean())
-
-
 @dataclass
 class Trial:
-    alpha: float
+    alpha: float | str  # a blend, or ``MEASURED``
     masks: UnitTensors | None
     divergence: float = math.inf
     error: str | None = None
@@ -152,18 +156,22 @@ def judge(original: Adapter, masks: UnitTensors, fit: list[Batch], check: list[B
         ad.recalibrate(fit)
     with torch.no_grad():
         got = [ad.logits(b) for b in check]
-    return sum(divergence(r, g) * original.batch_size(b) for r, g, b in zip(reference, got, check)) / \
-        max(1, sum(original.batch_size(b) for b in check))
+    return mean_divergence(reference, got, [original.batch_size(b) for b in check])
 
 
 def choose(trials: list[Trial], margin: float = MARGIN) -> Trial:
-    """The smallest-alpha trial whose held-out divergence is within ``margin`` (relative) of the smallest: a
-    blend further from the scores' own allocation must be clearly closer to the unpruned model, not closer
-    by the noise of a few dozen held-out examples. An OptinError naming every failure when no candidate
-    could be made."""
+    """The first trial (in the order given: ``CANDIDATES``' order of preference) whose held-out divergence is
+    within ``margin`` (relative) of the smallest: a candidate further from the scores' own allocation must be
+    clearly closer to the unpruned model, not closer by the noise of a few dozen held-out examples. An
+    OptinError naming every failure when no candidate could be made."""
     made = [t for t in trials if t.masks is not None and math.isfinite(t.divergence)]
     if not made:
         raise OptinError("no candidate allocation could be made: " + "; ".join(
-            f"alpha {t.alpha:g}: {t.error}" for t in trials))
+            f"{label(t.alpha)}: {t.error}" for t in trials))
     best = min(t.divergence for t in made)
-    return min((t for t in made if t.divergence <= best * (1 + margin)), key=lambda t: t.alpha)
+    return next(t for t in made if t.divergence <= best * (1 + margin))
+
+
+def label(candidate: float | str) -> str:
+    """How a candidate is named in messages: ``blend 0.25`` or ``measured``."""
+    return candidate if isinstance(candidate, str) else f"blend {candidate:g}"

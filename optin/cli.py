@@ -222,9 +222,11 @@ def prune_options(fn):
                           "units)."),
         click.option("--allocation", default=DEFAULT_ALLOCATION, show_default=True, metavar="HOW",
                      help="How many units each layer keeps: scores (as the scores rank them across layers), "
-                          "evaluate (try blends toward the cost model's allocation and keep the one whose pruned "
-                          "model stays closest to the unpruned one on held-out calibration examples), or a fixed "
-                          "blend in [0, 1]."),
+                          "measured (each layer's scores rescaled by how much masking its lowest units moves the "
+                          "output), evaluate (try blends toward the cost model's allocation and the measured one, and "
+                          "keep the one whose pruned model stays closest to the unpruned one on held-out calibration "
+                          "examples), evaluate-blends (evaluate without the measured candidate), or a fixed blend in "
+                          "[0, 1]."),
         click.option("--recover-size", default=DEFAULT_RECOVER_SIZE, show_default=True, metavar="N",
                      help="Examples the recovery fits on: auto (the calibration sample, plus more training examples "
                           "where a layer would get fewer than 2 rows per fitted column, e.g. a CNN's last "

@@ -32,7 +32,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from . import __version__, registry, stats
-from .allocation import DEFAULT_ALLOCATION, parse_allocation
+from .allocation import BLENDS, DEFAULT_ALLOCATION, EVALUATE_BLENDS, candidates_for, parse_allocation
 from .compare_report import write_outputs, write_text_atomic
 from .contracts import Adapter, Batch
 from .devices import resolve_device, synchronize
@@ -54,9 +54,11 @@ OUTPUTS = ("compare.json", "compare.md", "compare.png")
 # What the cells of a folder depend on besides the grid: a rerun with other values is refused.
 SETTINGS = ("model", "adapter", "task", "data", "eval_data", "extra", "metric", "calib_size", "eval_size",
             "batch_size", "searcher", "options", "device", "dtype", "recalibrate", "allow_degenerate", "speed",
-            "fingerprint", "eval_examples", "allocation", "recover_size")
+            "fingerprint", "eval_examples", "allocation", "recover_size", "allocation_candidates")
 # what folders journalled before a setting existed used
 SETTING_DEFAULTS = {"allocation": "scores", "recover_size": "calibration"}
+# before the measured candidate (2026-11-30), ``evaluate`` tried the blends only: ``--allocation evaluate-blends``
+OLD_CANDIDATES = {"evaluate": list(BLENDS)}
 
 
 @dataclass
@@ -308,6 +310,14 @@ def _scores_for(ctx: _Context, combo: Combination, seed: int, calib: list[Batch]
     return result
 
 
+def _allocation_settings(how: str | float) -> dict:
+    """How a folder records its allocation: ``evaluate`` with the candidates it tries (so that a folder made
+    before a candidate was added resumes with ``evaluate-blends`` and is refused with the new ``evaluate``)."""
+    candidates = candidates_for(how)
+    return {"allocation": "evaluate" if how == EVALUATE_BLENDS else how,
+            "allocation_candidates": list(candidates) if candidates is not None else None}
+
+
 def _cell(ctx: _Context, combo: Combination, budget: float, seed: int, calib: list[Batch],
           scores: Scores | None, time_it: bool) -> dict:
     """Search, apply to a fresh copy of the unpruned model, recover, remove, evaluate every held-out example;
@@ -398,7 +408,8 @@ def _compare_locked(cfg: CompareConfig, combos: list[Combination], folder: Path)
                 "batch_size": cfg.batch_size, "searcher": cfg.searcher, "options": cfg.options,
                 "device": cfg.device, "dtype": cfg.dtype, "recalibrate": cfg.recalibrate,
                 "allow_degenerate": cfg.allow_degenerate, "speed": cfg.speed, "fingerprint": fp,
-                "allocation": parse_allocation(cfg.allocation), "recover_size": parse_recover_size(cfg.recover_size),
+                **_allocation_settings(parse_allocation(cfg.allocation)),
+                "recover_size": parse_recover_size(cfg.recover_size),
                 "eval_examples": _examples_hash(evals)}
     settings = json.loads(json.dumps(settings))  # as the journal stores it
     if cfg.overwrite:
@@ -409,10 +420,14 @@ def _compare_locked(cfg: CompareConfig, combos: list[Combination], folder: Path)
     previous = journal.find("settings")
     if previous:
         there = {k: previous[0].get(k, SETTING_DEFAULTS.get(k)) for k in SETTINGS}
+        if "allocation_candidates" not in previous[0]:
+            there["allocation_candidates"] = OLD_CANDIDATES.get(there["allocation"])
         differ = [k for k in SETTINGS if there[k] != settings.get(k)]
         if differ:
             what = "; ".join(f"{k}: {there[k]!r} there, {settings.get(k)!r} now" for k in differ[:3])
-            raise OptinError(f"output folder {str(folder)!r} holds a comparison made with other settings ({what}); "
+            hint = " (it was made before evaluate tried the measured allocation: --allocation evaluate-blends " \
+                "resumes it)" if differ == ["allocation_candidates"] and there[differ[0]] == list(BLENDS) else ""
+            raise OptinError(f"output folder {str(folder)!r} holds a comparison made with other settings ({what}){hint}; "
                              "use the same settings to resume it, another --output, or --overwrite to discard it")
     else:
         journal.append(settings)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from . import __version__, registry
-from .allocation import BLENDS, DEFAULT_ALLOCATION, Trial, candidate_scores, choose, judge, parse_allocation, \
-    split_for_trial
+from .allocation import DEFAULT_ALLOCATION, MEASURED, Trial, candidate_scores, candidates_for, choose, judge, label, \
+    parse_allocation, split_for_trial
 from .contracts import Adapter, Batch, Scorer, ScoreContext, TokenAdapter, TokenScorer, TokenSearcher
 from .degenerate import check_not_degenerate
 from .errors import BudgetError, OptinError
@@ -28,6 +28,7 @@ from .distributed import leave_group, rank_and_world, reducer
 from .export import save_pruned
 from .hooks import notify
 from .measure import evaluate, params, throughput
+from .measured import forwards_needed, measured_scores
 from .outputs import MODEL, PARTIAL, REPORT, SCORES, OutputFolder
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
@@ -186,12 +187,17 @@ def search(adapter: Adapter, scores: Scores | UnitTensors, budget: float, seq_le
 def allocate(adapter: Adapter, scores: Scores, budget: float, seq_len: float, searcher: str, options: dict | None,
              allow_degenerate: bool, allocation: str | float, calib: list[Batch], steps: tuple[str, ...],
              recalibrate: bool = True) -> tuple[UnitTensors, CostModel, dict]:
-    """The search with the allocation ``allocation`` (``optin.allocation``): a fixed blend, or (``"evaluate"``)
-    the candidate of ``BLENDS`` whose recovered, pruned model stays closest to the unpruned one on held-out
-    calibration examples (the smallest blend within ``MARGIN`` of the closest, ``choose``). Returns the masks,
-    the cost model and what was tried."""
+    """The search with the allocation ``allocation`` (``optin.allocation``): a fixed blend, the measured
+    allocation (``optin.measured``, on ``calib``), or (``"evaluate"``) the candidate of ``CANDIDATES`` (``BLENDS``
+    for ``"evaluate-blends"``) whose recovered, pruned model stays closest to the unpruned one on held-out
+    calibration examples (the first within ``MARGIN`` of the closest, ``choose``). Returns the masks, the cost
+    model and what was tried."""
     how = parse_allocation(allocation)
-    if how != "evaluate":
+    if how == MEASURED:
+        masks, costs = _candidate(adapter, scores, budget, seq_len, searcher, options, allow_degenerate, how, calib)
+        return masks, costs, {"allocation": how, "alpha": how}
+    candidates = candidates_for(how)
+    if candidates is None:
         alpha = 0.0 if how == "scores" else float(how)
         masks, costs = _search(adapter, scores, budget, seq_len, searcher, options, allow_degenerate, alpha)
         return masks, costs, {"allocation": how, "alpha": alpha}
@@ -200,27 +206,41 @@ def allocate(adapter: Adapter, scores: Scores, budget: float, seq_len: float, se
         reference = [adapter.logits(b) for b in check]
     trials: list[Trial] = []
     costs = None
-    with bar("choosing the allocation", total=len(BLENDS)) as (advance, _):
-        for alpha in BLENDS:
+    with bar("choosing the allocation", total=len(candidates)) as (advance, _):
+        for candidate in candidates:
             try:
-                masks, costs = _search(adapter, scores, budget, seq_len, searcher, options, allow_degenerate, alpha)
+                masks, costs = _candidate(adapter, scores, budget, seq_len, searcher, options, allow_degenerate,
+                                          candidate, fit)
             except BudgetError as exc:
-                trials.append(Trial(alpha, None, error=str(exc)))
-                say(f"allocation {alpha:g}: not a candidate ({exc})")
+                trials.append(Trial(candidate, None, error=str(exc)))
+                say(f"allocation {label(candidate)}: not a candidate ({exc})")
                 advance(1)
                 continue
             same = next((t for t in trials if t.masks is not None and _same_masks(t.masks, masks)), None)
             value = same.divergence if same is not None else \
                 judge(adapter, masks, fit, check, steps, recalibrate, reference)
-            trials.append(Trial(alpha, masks, value))
-            say(f"allocation {alpha:g}: held-out divergence {value:.4g}")
+            trials.append(Trial(candidate, masks, value))
+            say(f"allocation {label(candidate)}: held-out divergence {value:.4g}")
             advance(1)
     if all(t.masks is None for t in trials):
         raise BudgetError(trials[0].error)
     best = choose(trials)
-    say(f"allocation: kept blend {best.alpha:g} (0 = the scores' own allocation)")
-    return best.masks, costs, {"allocation": "evaluate", "alpha": best.alpha,
+    say(f"allocation: kept {label(best.alpha)} (blend 0 = the scores' own allocation)")
+    return best.masks, costs, {"allocation": how, "alpha": best.alpha,
                                "trials": [t.record() for t in trials]}
+
+
+def _candidate(adapter: Adapter, scores: Scores, budget: float, seq_len: float, searcher: str, options: dict | None,
+               allow_degenerate: bool, candidate: float | str, batches: list[Batch]) -> tuple[UnitTensors, CostModel]:
+    """The search for one candidate allocation: a blend of ``scores``, or ``MEASURED`` (the scores' order,
+    each layer rescaled by its measured removal curve on ``batches``)."""
+    if candidate != MEASURED:
+        return _search(adapter, scores, budget, seq_len, searcher, options, allow_degenerate, float(candidate))
+    values = scores.values if isinstance(scores, Scores) else scores
+    kinds = set(adapter.unit_counts())
+    with bar("measuring each layer's removal curve", total=forwards_needed(values, kinds)) as (advance, _):
+        measured = measured_scores(adapter, values, batches, advance)
+    return _search(adapter, {**values, **measured}, budget, seq_len, searcher, options, allow_degenerate, 0.0)
 
 
 def _same_masks(a: UnitTensors, b: UnitTensors) -> bool:
@@ -255,8 +275,9 @@ def prune(model: nn.Module | Adapter, data: list[Batch], *, scorer: str = "traje
     fits on ``data`` alone, where ``optin run`` may draw more examples (``--recover-size auto``: a CNN's last
     convolutions on small maps need hundreds of images); ``info["recovery"]["wanted"]`` says how many that
     rule would have used.
-    ``allocation`` (as ``optin run --allocation``: ``scores``, ``evaluate`` or a blend in [0, 1]) decides how
-    many units each layer keeps (``optin.allocation``); what was tried is in ``info["allocation"]``.
+    ``allocation`` (as ``optin run --allocation``: ``scores``, ``evaluate``, ``evaluate-blends``, ``measured`` or a
+    blend in [0, 1]) decides how many units each layer keeps (``optin.allocation``, ``optin.measured``); what was
+    tried is in ``info["allocation"]``.
     """
     parse_steps(recover)
     parse_allocation(allocation)
@@ -390,7 +411,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     recover: str = DEFAULT_RECOVER  # recovery after the search: auto, none, ptf, or rearrange/tune/reconstruct (comma-separated)
-    allocation: str | float = DEFAULT_ALLOCATION  # units per layer: scores, evaluate, or a blend in [0, 1]
+    allocation: str | float = DEFAULT_ALLOCATION  # units per layer: scores, evaluate(-blends), measured, or a blend
     recover_size: str | int = DEFAULT_RECOVER_SIZE  # examples recovery uses: auto, calibration, or a number (recovery.recovery_size)
 
     def checked(self) -> "RunConfig":

@@ -22,7 +22,7 @@ from tiny_models import ADAPTERS, mmseg_unavailable, tiny
 
 import optin
 import optin.compare
-from optin import allocation
+from optin import allocation, measured
 from optin.cli import cli
 from optin.errors import OptinError
 from optin.units import kept_counts
@@ -94,14 +94,14 @@ def test_moving_the_blend_gives_a_starved_layer_its_units_back_and_keeps_the_bes
 def test_divergence_is_zero_for_equal_outputs_and_averages_pixels():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(4, 5, generator=g)
-    assert allocation.divergence(a, a) == pytest.approx(0.0, abs=1e-12)
-    assert allocation.divergence(a, a + 3.0) == pytest.approx(0.0, abs=1e-12)  # same distribution
+    assert measured.divergence(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert measured.divergence(a, a + 3.0) == pytest.approx(0.0, abs=1e-12)  # same distribution
     b = torch.randn(4, 5, generator=g)
     manual = float((a.double().softmax(1) * (a.double().log_softmax(1) - b.double().log_softmax(1))).sum(1).mean())
-    assert allocation.divergence(a, b) == pytest.approx(manual) and manual > 0
+    assert measured.divergence(a, b) == pytest.approx(manual) and manual > 0
     pix_a, pix_b = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
-    flat = allocation.divergence(pix_a.movedim(1, -1).reshape(-1, 3), pix_b.movedim(1, -1).reshape(-1, 3))
-    assert allocation.divergence(pix_a, pix_b) == pytest.approx(flat)
+    flat = measured.divergence(pix_a.movedim(1, -1).reshape(-1, 3), pix_b.movedim(1, -1).reshape(-1, 3))
+    assert measured.divergence(pix_a, pix_b) == pytest.approx(flat)
 
 
 def test_the_calibration_sample_is_split_into_disjoint_halves():
@@ -123,7 +123,10 @@ def test_choose_takes_the_smallest_divergence_unless_a_smaller_blend_is_within_t
     close = [allocation.Trial(0.0, m, 0.104), allocation.Trial(0.5, m, 0.100), allocation.Trial(1.0, m, 0.2)]
     assert allocation.choose(close, margin=0.05).alpha == 0.0  # 4% closer is within the noise: the scores' own
     assert allocation.choose(close, margin=0.0).alpha == 0.5
-    with pytest.raises(OptinError, match="alpha 0.25: degenerate"):
+    # the measured allocation comes last in the order of preference: kept only when clearly closer
+    assert allocation.choose([*close, allocation.Trial("measured", m, 0.09)]).alpha == "measured"
+    assert allocation.choose([*close, allocation.Trial("measured", m, 0.0995)]).alpha == 0.0
+    with pytest.raises(OptinError, match="blend 0.25: degenerate"):
         allocation.choose([trials[-1]])
 
 
@@ -157,10 +160,10 @@ def test_evaluate_keeps_the_candidate_closest_to_the_unpruned_model_on_held_out_
     masks, costs, info = optin.recipe.allocate(ad, scores, t.budget, seq, "ptf", None, True, "evaluate", [t.batch],
                                                steps)
     assert all(torch.equal(v, before[k]) for k, v in ad.model.state_dict().items())  # candidates ran on copies
-    assert [r["alpha"] for r in info["trials"]] == list(allocation.BLENDS)
+    assert [r["alpha"] for r in info["trials"]] == list(allocation.CANDIDATES)  # the blends, then measured
     made = [r for r in info["trials"] if r["divergence"] is not None]
     least = min(r["divergence"] for r in made)
-    best = min((r for r in made if r["divergence"] <= least * (1 + allocation.MARGIN)), key=lambda r: r["alpha"])
+    best = next(r for r in made if r["divergence"] <= least * (1 + allocation.MARGIN))  # the first, in order
     assert info["alpha"] == best["alpha"] and kept_counts(masks) == best["kept"]
     assert costs.macs_of_masks(masks) <= t.budget * costs.macs() * (1 + 1e-9)
     fit, check = allocation.split_for_trial([t.batch], ad.batch_size)
@@ -178,7 +181,8 @@ def test_prune_with_evaluate_records_the_trials_and_meets_the_budget():
                                    scorer="test", options={}, scale="global")
     result = optin.prune(ad, [batch], scores=scores, budget=0.6, allocation="evaluate")
     info = result.info["allocation"]
-    assert info["allocation"] == "evaluate" and info["alpha"] in allocation.BLENDS and len(info["trials"]) == 5
+    assert info["allocation"] == "evaluate" and info["alpha"] in allocation.CANDIDATES
+    assert len(info["trials"]) == len(allocation.CANDIDATES) == 6
     assert result.macs_after <= 0.6 * result.macs_before * (1 + 1e-9)
     with pytest.raises(OptinError, match="allocation"):
         optin.prune(BertAdapter(make_tiny_bert()), [batch], scores=scores, allocation="often")
@@ -193,7 +197,7 @@ def test_run_and_compare_take_the_allocation(workspace, cli_sandbox):
                                    "--output", str(out), "--quiet"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     report = json.loads((out / "report.json").read_text())
-    assert report["allocation"]["allocation"] == "evaluate" and len(report["allocation"]["trials"]) == 5
+    assert report["allocation"]["allocation"] == "evaluate" and len(report["allocation"]["trials"]) == 6
     assert report["macs_ratio"] <= 0.6 + 1e-9
 
     folder = cli_sandbox / "cmp"
