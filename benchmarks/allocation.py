@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from saved_scores import scores_for
+from cell_grid import against_first, complete, load_cells, run_cells
 
 from optin import stats
 from optin.allocation import BLENDS, Trial, choose
@@ -62,7 +62,8 @@ def cell(base, scores: Scores, budget: float, calib, evals, metric: str, steps) 
 def chosen_blend(c: dict) -> float:
     """The blend ``evaluate`` keeps for a stored cell, by the current rule (``optin.allocation.choose``) from the
     stored held-out divergences: a changed rule re-summarises without rerunning."""
-    trials = [Trial(float(a), {}, b["divergence"]) for a, b in c["blends"].items() if b.get("divergence") is not None]
+    trials = sorted((Trial(float(a), {}, b["divergence"]) for a, b in c["blends"].items()
+                     if b.get("divergence") is not None), key=lambda t: t.alpha)  # choose's order of preference
     return choose(trials).alpha
 
 
@@ -71,31 +72,23 @@ def summarise(results: dict, args) -> dict:
     n = len(results["unpruned"])
     counts = stats.resample_counts(n)
     rows, chosen_of = {}, {}
-    for scorer in args.scorers:
-        for budget in args.budgets:
-            cells = [results["cells"].get(f"{scorer}|{budget}|{s}") for s in args.seeds]
-            if any(c is None for c in cells):
-                continue
-            per = {}
-            for alpha in BLENDS:
-                got = [c["blends"].get(str(alpha), {}) for c in cells]
-                if all("examples" in g for g in got):
-                    per[str(alpha)] = np.asarray([g["examples"] for g in got])
-            picks = [chosen_blend(c) for c in cells]
-            chosen = np.asarray([c["blends"][str(p)]["examples"] for c, p in zip(cells, picks)])
-            row = {k: stats.summarize(v, counts) for k, v in per.items()}
-            row["evaluate"] = stats.summarize(chosen, counts)
-            row["chosen"] = picks
-            if "0.0" in per:
-                row["evaluate_vs_scores"] = stats.paired_difference(chosen, per["0.0"], counts)
-            row["seconds_choosing"] = float(np.mean([c["seconds_choosing"] for c in cells]))
-            rows[f"{scorer}|{budget}"] = row
-            chosen_of[(scorer, budget)] = chosen
-    reference = args.scorers[0]
-    for (scorer, budget), chosen in chosen_of.items():  # scorer vs the first one, both with evaluate
-        if scorer != reference and (reference, budget) in chosen_of:
-            rows[f"{scorer}|{budget}"][f"evaluate_vs_{reference}"] = stats.paired_difference(
-                chosen, chosen_of[(reference, budget)], counts)
+    for scorer, budget, cells in complete(results, args):
+        per = {}
+        for alpha in BLENDS:
+            got = [c["blends"].get(str(alpha), {}) for c in cells]
+            if all("examples" in g for g in got):
+                per[str(alpha)] = np.asarray([g["examples"] for g in got])
+        picks = [chosen_blend(c) for c in cells]
+        chosen = np.asarray([c["blends"][str(p)]["examples"] for c, p in zip(cells, picks)])
+        row = {k: stats.summarize(v, counts) for k, v in per.items()}
+        row["evaluate"] = stats.summarize(chosen, counts)
+        row["chosen"] = picks
+        if "0.0" in per:
+            row["evaluate_vs_scores"] = stats.paired_difference(chosen, per["0.0"], counts)
+        row["seconds_choosing"] = float(np.mean([c["seconds_choosing"] for c in cells]))
+        rows[f"{scorer}|{budget}"] = row
+        chosen_of[(scorer, budget)] = chosen
+    against_first(rows, chosen_of, args.scorers[0], counts)
     return {"model": args.model, "metric": args.metric or "the task's", "seeds": args.seeds, "budgets": args.budgets,
             "scorers": args.scorers,
             "recover": args.recover, "blends": list(BLENDS), "eval_examples": n,
@@ -150,22 +143,11 @@ def main() -> None:
     steps, _ = steps_for(args.recover, base)
     metric = args.metric or task.metric
     evals = batches_of(base, sample(task.examples("test"), args.eval_size, EVAL_SEED), args.batch_size)
-    results = json.loads(raw.read_text()) if raw.is_file() else {"cells": {}}
-    if "unpruned" not in results:
-        results["unpruned"] = per_example(base, evals, metric, base).numpy().tolist()
-    for seed in args.seeds:
-        calib = batches_of(base, sample(task.examples("train"), args.calib_size, seed), args.calib_size)
-        for scorer in args.scorers:
-            scores = scores_for(base, calib, scorer, seed, Path(args.compare) / "scores")
-            for budget in args.budgets:
-                key = f"{scorer}|{budget}|{seed}"
-                if key in results["cells"]:
-                    continue
-                results["cells"][key] = cell(base, scores, budget, calib, evals, metric, steps)
-                c = results["cells"][key]
-                print(f"{key}: chose {c['chosen']:g}; " + ", ".join(
-                    f"{a}: {b.get('metric', float('nan')):.4f}" for a, b in c["blends"].items()), flush=True)
-                raw.write_text(json.dumps(results))
+    results = load_cells(raw, lambda: per_example(base, evals, metric, base).numpy().tolist())
+    run_cells(results, raw, base, task, args, Path(args.compare) / "scores",
+              lambda scores, budget, seed, calib: cell(base, scores, budget, calib, evals, metric, steps),
+              lambda key, c: f"chose {c['chosen']:g}; " + ", ".join(
+                  f"{a}: {b.get('metric', float('nan')):.4f}" for a, b in c["blends"].items()))
     summary = summarise(results, args)
     out.write_text(json.dumps(summary, indent=1))
     print(table(summary))

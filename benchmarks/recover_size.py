@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from saved_scores import scores_for
+from cell_grid import complete, load_cells, run_cells
 
 from optin import stats
 from optin.compare import EVAL_SEED
@@ -77,6 +77,22 @@ def build_own_cnn(folder: Path) -> str:
     return str(model_dir)
 
 
+def recovery_data(base, more, masks, calib: list, setting, extra: list) -> tuple[list, int, str]:
+    """What recovery fits on for ``setting`` (as a run does): the calibration sample, then the first of the extra
+    examples ``more`` draws (kept in ``extra`` for the next setting). Returns the batches, their size and why."""
+    want, why = recovery_size(base, masks, calib, setting)
+    have = sum(base.batch_size(b) for b in calib) + sum(base.batch_size(b) for b in extra)
+    if want > have:
+        extra += more(want - have)
+    data, n = [], 0
+    for b in calib + extra:  # the first ``want`` examples: the calibration sample, then the extra ones
+        if n >= want:
+            break
+        data.append(b)
+        n += base.batch_size(b)
+    return data, n, why
+
+
 def cell(base, task, scores: Scores, budget: float, seed: int, calib, evals, sizes: list, steps) -> dict:
     """The default search, then recovery on each size setting, pruned, recalibrated and evaluated."""
     seq_len = base.seq_len(evals)
@@ -85,16 +101,7 @@ def cell(base, task, scores: Scores, budget: float, seed: int, calib, evals, siz
     out = {"alpha": info["alpha"], "sizes": {}}
     extra: list = []
     for setting in sizes:
-        want, why = recovery_size(base, masks, calib, setting)
-        have = sum(base.batch_size(b) for b in calib) + sum(base.batch_size(b) for b in extra)
-        if want > have:
-            extra += more(want - have)
-        data, n = [], 0
-        for b in calib + extra:  # the first ``want`` examples: the calibration sample, then the extra ones
-            if n >= want:
-                break
-            data.append(b)
-            n += base.batch_size(b)
+        data, n, why = recovery_data(base, more, masks, calib, setting, extra)
         ad = copy.deepcopy(base)
         t0 = time.perf_counter()
         kept, _ = recover(ad, base, masks, data, steps)
@@ -110,18 +117,14 @@ def cell(base, task, scores: Scores, budget: float, seed: int, calib, evals, siz
 def summarise(results: dict, args) -> dict:
     counts = stats.resample_counts(len(results["unpruned"]))
     rows = {}
-    for scorer in args.scorers:
-        for budget in args.budgets:
-            cells = [results["cells"].get(f"{scorer}|{budget}|{s}") for s in args.seeds]
-            if any(c is None for c in cells):
-                continue
-            per = {k: np.asarray([c["sizes"][k]["results"] for c in cells]) for k in cells[0]["sizes"]}
-            row = {k: {**stats.summarize(v, counts), "examples": [c["sizes"][k]["examples"] for c in cells],
-                       "seconds": [round(c["sizes"][k]["seconds"], 2) for c in cells]} for k, v in per.items()}
-            for k, v in per.items():
-                if k != "calibration":
-                    row[k]["vs_calibration"] = stats.paired_difference(v, per["calibration"], counts)
-            rows[f"{scorer}|{budget}"] = row
+    for scorer, budget, cells in complete(results, args):
+        per = {k: np.asarray([c["sizes"][k]["results"] for c in cells]) for k in cells[0]["sizes"]}
+        row = {k: {**stats.summarize(v, counts), "examples": [c["sizes"][k]["examples"] for c in cells],
+                   "seconds": [round(c["sizes"][k]["seconds"], 2) for c in cells]} for k, v in per.items()}
+        for k, v in per.items():
+            if k != "calibration":
+                row[k]["vs_calibration"] = stats.paired_difference(v, per["calibration"], counts)
+        rows[f"{scorer}|{budget}"] = row
     return {"model": args.model, "seeds": args.seeds, "budgets": args.budgets, "scorers": args.scorers,
             "sizes": args.sizes, "eval_examples": len(results["unpruned"]),
             "unpruned": stats.summarize(np.asarray(results["unpruned"])[None], counts), "rows": rows,
@@ -178,23 +181,11 @@ def main() -> None:
     task.prepare(base, args.model)
     steps, _ = steps_for("auto", base)
     evals = batches_of(base, sample(task.examples("test"), args.eval_size, EVAL_SEED), 64)
-    results = json.loads(raw.read_text()) if raw.is_file() else {"cells": {}}
-    if "unpruned" not in results:
-        results["unpruned"] = per_example(base, evals, task.metric, base).numpy().tolist()
-    for seed in args.seeds:
-        calib = batches_of(base, sample(task.examples("train"), args.calib_size, seed), args.calib_size)
-        for scorer in args.scorers:
-            scores = scores_for(base, calib, scorer, seed, scores_dir)
-            for budget in args.budgets:
-                key = f"{scorer}|{budget}|{seed}"
-                if key in results["cells"]:
-                    continue
-                results["cells"][key] = cell(base, task, scores, budget, seed, calib, evals, args.sizes, steps)
-                c = results["cells"][key]
-                print(key, ", ".join(f"{k}: {v['metric']:.4f} ({v['examples']} ex., {v['seconds']:.1f}s)"
-                                     for k, v in c["sizes"].items()), flush=True)
-                raw.parent.mkdir(parents=True, exist_ok=True)
-                raw.write_text(json.dumps(results))
+    results = load_cells(raw, lambda: per_example(base, evals, task.metric, base).numpy().tolist())
+    run_cells(results, raw, base, task, args, scores_dir,
+              lambda scores, budget, seed, calib: cell(base, task, scores, budget, seed, calib, evals, args.sizes, steps),
+              lambda key, c: ", ".join(f"{k}: {v['metric']:.4f} ({v['examples']} ex., {v['seconds']:.1f}s)"
+                                       for k, v in c["sizes"].items()))
     summary = summarise(results, args)
     summary["model"] = name
     out.write_text(json.dumps(summary, indent=1))
