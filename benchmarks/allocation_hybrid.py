@@ -9,6 +9,7 @@ each layer keeps, not in which.
     python benchmarks/allocation_hybrid.py --model m2f-mosaic --a trajectory:0 --b magnitude:0.25 \\
         --budgets 0.8 0.7 --calib-size 64 --eval-size 500 --batch-size 50 --metric agreement
 
+Each side's allocation is any ``--allocation`` value (``trajectory:evaluate`` is the default recipe's search).
 Scores come from ``benchmarks/runs/compare-{model}/scores/{scorer}-seed{seed}.safetensors``.
 """
 from __future__ import annotations
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 
 from optin import stats
+from optin.allocation import parse_allocation
 from optin.compare import EVAL_SEED
 from optin.measure import per_example
 from optin.models import load_model
 from optin.rankings import Scores
-from optin.recipe import batches_of, resolve_task, search
+from optin.recipe import allocate, batches_of, resolve_task
 from optin.recovery import recover, steps_for
 from optin.tasks import sample
 from optin.units import UnitTensors
@@ -47,8 +49,8 @@ def top_k(order: UnitTensors, counts: dict[str, list[int]]) -> UnitTensors:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="m2f-mosaic")
-    ap.add_argument("--a", default="trajectory:0", help="scorer:blend")
-    ap.add_argument("--b", default="magnitude:0.25", help="scorer:blend")
+    ap.add_argument("--a", default="trajectory:0", help="scorer:allocation (a blend, evaluate, measured, ...)")
+    ap.add_argument("--b", default="magnitude:0.25", help="scorer:allocation")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.7])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--calib-size", type=int, default=64)
@@ -56,7 +58,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--metric", default=None)
     args = ap.parse_args()
-    (sa, ba), (sb, bb) = [(s.split(":")[0], float(s.split(":")[1])) for s in (args.a, args.b)]
+    (sa, ba), (sb, bb) = [(s.split(":")[0], parse_allocation(s.split(":")[1])) for s in (args.a, args.b)]
     base = load_model(args.model)
     task = resolve_task(None, None, args.model)
     task.prepare(base, args.model)
@@ -70,8 +72,8 @@ def main() -> None:
         calib = batches_of(base, sample(task.examples("train"), args.calib_size, seed), args.calib_size)
         a, b = (Scores.load(f"benchmarks/runs/compare-{args.model}/scores/{s}-seed{seed}.safetensors") for s in (sa, sb))
         for budget in args.budgets:
-            ma, _ = search(base, a, budget, seq_len, allocation=ba)
-            mb, _ = search(base, b, budget, seq_len, allocation=bb)
+            ma, _, _ = allocate(base, a, budget, seq_len, "ptf", None, False, ba, calib, steps)
+            mb, _, _ = allocate(base, b, budget, seq_len, "ptf", None, False, bb, calib, steps)
             ca = {k: [int(m.sum()) for m in v] for k, v in ma.items()}
             cb = {k: [int(m.sum()) for m in v] for k, v in mb.items()}
             counts_of[f"{budget}|{seed}"] = {sa: ca, sb: cb}

@@ -90,7 +90,7 @@ def summarise(results: dict, args) -> dict:
         rows[f"{scorer}|{budget}"] = row
         chosen[(scorer, budget)] = per["evaluate"]
     against_first(rows, chosen, args.scorers[0], counts)
-    return {"model": args.model, "seeds": args.seeds, "budgets": args.budgets, "scorers": args.scorers,
+    return {"model": args.name or args.model, "seeds": args.seeds, "budgets": args.budgets, "scorers": args.scorers,
             "eval_examples": len(results["unpruned"]), "metric": args.metric or "the task's",
             "unpruned": stats.summarize(np.asarray(results["unpruned"])[None], counts), "rows": rows,
             "threads": torch.get_num_threads(), "command": args.command}
@@ -119,7 +119,9 @@ def table(summary: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="minilm-trec")
+    ap.add_argument("--model", default="minilm-trec", help="a named model or a model folder")
+    ap.add_argument("--task", default=None, help="the task, for a model folder (e.g. fashion-mnist)")
+    ap.add_argument("--name", default=None, help="what the result files are called (default: --model)")
     ap.add_argument("--scores-dir", default=None)
     ap.add_argument("--scorers", nargs="+", default=["trajectory"])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.6, 0.4])
@@ -132,11 +134,12 @@ def main() -> None:
     args.command = "python benchmarks/measured_allocation.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if v is not None)
-    scores_dir = Path(args.scores_dir or f"benchmarks/runs/compare-{args.model}/scores")
-    out = Path(f"benchmarks/results/measured_allocation-{args.model}.json")
-    raw = Path("benchmarks/runs") / f"measured_allocation-{args.model}.cells.json"
+    name = args.name or args.model
+    scores_dir = Path(args.scores_dir or f"benchmarks/runs/compare-{name}/scores")
+    out = Path(f"benchmarks/results/measured_allocation-{name}.json")
+    raw = Path("benchmarks/runs") / f"measured_allocation-{name}.cells.json"
     base = load_model(args.model)
-    task = resolve_task(None, None, args.model)
+    task = resolve_task(args.task, None, args.model)
     task.prepare(base, args.model)
     steps, _ = steps_for("auto", base)
     metric = args.metric or task.metric
