@@ -48,11 +48,13 @@ BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the alphas ``evaluate`` tries
 MEASURED = "measured"
 CANDIDATES: tuple[float | str, ...] = (*BLENDS, MEASURED)  # what ``evaluate`` tries, in order of preference
 EVALUATE_BLENDS = "evaluate-blends"  # ``evaluate`` without the measured candidate (as before 2026-11-30's change)
-# How much closer (relative divergence) a larger blend must be to be kept over a smaller one. Chosen on
+# How much closer (relative divergence) a later candidate must be to be kept over an earlier one. Chosen on
 # 2026-11-30 after the four models of docs/benchmarks.md: without it, m2f-mosaic lost 3.8 points at 0.7.
 MARGIN = 0.05
 NAMES = ("scores", "evaluate", EVALUATE_BLENDS, MEASURED)
-DEFAULT_ALLOCATION = "evaluate"  # helped on vgg-fmnist and vit-fmnist, tied on minilm-trec (docs/benchmarks.md)
+# The blends helped on vgg-fmnist and vit-fmnist and tied on minilm-trec; the measured candidate helped on
+# m2f-mosaic and tied on those three (docs/benchmarks.md).
+DEFAULT_ALLOCATION = "evaluate"
 
 
 def parse_allocation(value: str | float | None) -> str | float:
