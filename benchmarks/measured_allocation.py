@@ -34,6 +34,7 @@ from optin.models import load_model
 from optin.recipe import RunConfig, allocate, batches_of, more_calibration, resolve_task
 from optin.recovery import recover, steps_for
 from optin.tasks import sample
+from optin.units import same_masks
 
 VARIANTS = ("blends", "evaluate", MEASURED)
 
@@ -56,7 +57,7 @@ def cell(base, task, scores, budget: float, seed: int, calib, evals, metric: str
     extra: list = []
     done: list = []
     for name, masks in zip(VARIANTS, (old, new, alone)):
-        same = next((v for m, v in done if _same(m, masks)), None)
+        same = next((v for m, v in done if same_masks(m, masks)), None)
         if same is None:
             data, _, _ = recovery_data(base, more, masks, calib, "auto", extra)
             ad = copy.deepcopy(base)
@@ -69,10 +70,6 @@ def cell(base, task, scores, budget: float, seed: int, calib, evals, metric: str
             done.append((masks, same))
         out["variants"][name] = same
     return out
-
-
-def _same(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
 
 
 def summarise(results: dict, args) -> dict:

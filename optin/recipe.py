@@ -35,7 +35,7 @@ from .progress import bar, say
 from .recovery import DEFAULT_RECOVER, DEFAULT_RECOVER_SIZE, parse_recover_size, parse_steps, recover as recover_masks, recovery_size, steps_for
 from .rankings import Checkpoint, Scores, check_unit_tensors, fingerprint
 from .tasks import Task, file_task, get_task, known_tasks, sample
-from .units import CostModel, UnitTensors, counts_of, kept_counts
+from .units import CostModel, UnitTensors, counts_of, kept_counts, same_masks
 
 
 def check_budget(budget: float) -> float:
@@ -216,7 +216,7 @@ def allocate(adapter: Adapter, scores: Scores, budget: float, seq_len: float, se
                 say(f"allocation {label(candidate)}: not a candidate ({exc})")
                 advance(1)
                 continue
-            same = next((t for t in trials if t.masks is not None and _same_masks(t.masks, masks)), None)
+            same = next((t for t in trials if t.masks is not None and same_masks(t.masks, masks)), None)
             value = same.divergence if same is not None else \
                 judge(adapter, masks, fit, check, steps, recalibrate, reference)
             trials.append(Trial(candidate, masks, value))
@@ -241,10 +241,6 @@ def _candidate(adapter: Adapter, scores: Scores, budget: float, seq_len: float, 
     with bar("measuring each layer's removal curve", total=forwards_needed(values, kinds)) as (advance, _):
         measured = measured_scores(adapter, values, batches, advance)
     return _search(adapter, {**values, **measured}, budget, seq_len, searcher, options, allow_degenerate, 0.0)
-
-
-def _same_masks(a: UnitTensors, b: UnitTensors) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
 
 
 @dataclass

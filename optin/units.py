@@ -24,6 +24,11 @@ def kept_counts(masks: UnitTensors) -> dict[str, list[int]]:
     return {kind: [int((t > 0).sum()) for t in layers] for kind, layers in masks.items()}
 
 
+def same_masks(a: UnitTensors, b: UnitTensors) -> bool:
+    """Whether two sets of masks are equal, kind by kind and layer by layer."""
+    return a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+
+
 def kept_indices(masks: UnitTensors) -> dict[str, list[list[int]]]:
     return {kind: [torch.nonzero(t > 0).flatten().tolist() for t in layers]
             for kind, layers in masks.items()}

@@ -321,10 +321,6 @@ class ConvChannelAdapter(HookedAdapter):
         return dict(collected), logits
 
     # --- removal and persistence ---------------------------------------------------------------------
-    def _in_channels(self) -> int:
-        first = next(m for m in self.model.modules() if isinstance(m, nn.Conv2d))
-        return int(first.in_channels)
-
     def prune(self, masks: UnitTensors) -> None:
         """Remove every channel whose mask is 0, with torch-pruning's dependency graph (BatchNorm, depthwise
         convs and the consuming conv/Linear follow)."""
@@ -350,7 +346,7 @@ class ConvChannelAdapter(HookedAdapter):
         self.model.eval()  # building the graph runs a forward: do not touch BatchNorm statistics
         try:
             h, w = self.hw()
-            example = torch.zeros(1, self._in_channels(), h, w,
+            example = torch.zeros(1, self.image_channels(), h, w,
                                   device=next(self.model.parameters()).device)
             with torch.enable_grad():  # the graph is traced through autograd
                 graph = tp.DependencyGraph().build_dependency(self.model, example_inputs=example)
