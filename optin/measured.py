@@ -142,7 +142,7 @@ def measured_scores(adapter: Adapter, values: UnitTensors, batches: list[Batch],
                     advance: Callable[[int], None] = lambda n: None) -> UnitTensors:
     """``values`` (the kinds the model prices) turned into measured scores on ``batches``: see the module
     docstring. A ``"global"``-scale UnitTensors over the same kinds and layers."""
-    priced = {k: v for k, v in values.items() if k in adapter.unit_counts()}
+    priced = priced_kinds(adapter, values)
     with torch.no_grad():
         reference = [adapter.logits(b) for b in batches]
     curves = layer_curves(adapter, priced, batches, reference, advance)
@@ -150,6 +150,12 @@ def measured_scores(adapter: Adapter, values: UnitTensors, batches: list[Batch],
             for kind, layers in priced.items()}
 
 
-def forwards_needed(values: UnitTensors, kinds: set[str]) -> int:
-    """How many masked forwards (per batch list) ``measured_scores`` makes: for progress bars."""
-    return sum(len(removal_counts(t.numel())) for k, ls in values.items() if k in kinds for t in ls)
+def priced_kinds(adapter: Adapter, values: UnitTensors) -> UnitTensors:
+    """The kinds of ``values`` the model prices (``unit_counts``): the ones ``measured_scores`` measures."""
+    return {k: v for k, v in values.items() if k in adapter.unit_counts()}
+
+
+def forwards_needed(values: UnitTensors) -> int:
+    """How many masked forwards (per batch list) ``measured_scores`` makes for ``priced_kinds`` values: for
+    progress bars."""
+    return sum(len(removal_counts(t.numel())) for ls in values.values() for t in ls)

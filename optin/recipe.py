@@ -28,7 +28,7 @@ from .distributed import leave_group, rank_and_world, reducer
 from .export import save_pruned
 from .hooks import notify
 from .measure import evaluate, params, throughput
-from .measured import forwards_needed, measured_scores
+from .measured import forwards_needed, measured_scores, priced_kinds
 from .outputs import MODEL, PARTIAL, REPORT, SCORES, OutputFolder
 from .models import adapter_for, load_model, named_models
 from .progress import bar, say
@@ -237,9 +237,9 @@ def _candidate(adapter: Adapter, scores: Scores, budget: float, seq_len: float, 
     if candidate != MEASURED:
         return _search(adapter, scores, budget, seq_len, searcher, options, allow_degenerate, float(candidate))
     values = scores.values if isinstance(scores, Scores) else scores
-    kinds = set(adapter.unit_counts())
-    with bar("measuring each layer's removal curve", total=forwards_needed(values, kinds)) as (advance, _):
-        measured = measured_scores(adapter, values, batches, advance)
+    priced = priced_kinds(adapter, values)
+    with bar("measuring each layer's removal curve", total=forwards_needed(priced)) as (advance, _):
+        measured = measured_scores(adapter, priced, batches, advance)
     return _search(adapter, {**values, **measured}, budget, seq_len, searcher, options, allow_degenerate, 0.0)
 
 
