@@ -37,7 +37,7 @@ from optin.rankings import Scores
 from optin.recipe import RunConfig, allocate, batches_of, more_calibration, resolve_task
 from optin.recovery import recover, steps_for
 from optin.tasks import sample
-from optin.units import UnitTensors
+from optin.units import UnitTensors, kept_counts
 
 
 def top_k(order: UnitTensors, counts: dict[str, list[int]]) -> UnitTensors:
@@ -86,8 +86,7 @@ def main() -> None:
         for budget in args.budgets:
             ma, _, _ = allocate(base, a, budget, seq_len, "ptf", None, False, ba, calib, steps)
             mb, _, _ = allocate(base, b, budget, seq_len, "ptf", None, False, bb, calib, steps)
-            ca = {k: [int(m.sum()) for m in v] for k, v in ma.items()}
-            cb = {k: [int(m.sum()) for m in v] for k, v in mb.items()}
+            ca, cb = kept_counts(ma), kept_counts(mb)
             counts_of[f"{budget}|{seed}"] = {sa: ca, sb: cb}
             variants = {sa: ma, sb: mb, f"{sa} order, {sb} counts": top_k(a.values, cb),
                         f"{sb} order, {sa} counts": top_k(b.values, ca)}

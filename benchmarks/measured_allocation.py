@@ -34,7 +34,7 @@ from optin.models import load_model
 from optin.recipe import RunConfig, allocate, batches_of, more_calibration, resolve_task
 from optin.recovery import recover, steps_for
 from optin.tasks import sample
-from optin.units import same_masks
+from optin.units import kept_counts, same_masks
 
 VARIANTS = ("blends", "evaluate", MEASURED)
 
@@ -66,7 +66,7 @@ def cell(base, task, scores, budget: float, seed: int, calib, evals, metric: str
             ad.recalibrate(data)
             ex = per_example(ad, evals, metric, base)
             same = {"results": ex.numpy().tolist(), "metric": metric_of_examples(ex),
-                    "kept": {k: [int(m.sum()) for m in v] for k, v in masks.items()}}
+                    "kept": kept_counts(masks)}
             done.append((masks, same))
         out["variants"][name] = same
     return out
