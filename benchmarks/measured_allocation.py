@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cell_grid import against_first, complete, load_cells, run_cells
+from compare_tables import fmt
 from recover_size import recovery_data
 
 from optin import stats
@@ -94,10 +95,7 @@ def summarise(results: dict, args) -> dict:
 
 
 def _diff(d: dict | None) -> str:
-    if not d:
-        return ""
-    mark = "**" if d["excludes_zero"] else ""
-    return f"{mark}{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]{mark}"
+    return fmt(d, signed=True) if d else ""
 
 
 def table(summary: dict) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cell_grid import complete, load_cells, run_cells
+from compare_tables import fmt
 
 from optin import stats
 from optin.compare import EVAL_SEED
@@ -143,8 +144,7 @@ def table(summary: dict) -> str:
             text = f"{r['mean']:.3f} ({'/'.join(map(str, r['examples']))} ex.)"
             d = r.get("vs_calibration")
             if d:
-                mark = "**" if d["excludes_zero"] else ""
-                text += f" {mark}{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]{mark}"
+                text += f" {fmt(d, signed=True)}"
             cells.append(text)
         lines.append(f"| {scorer} | {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
